@@ -1,0 +1,1 @@
+"""Dovetail inference: load a target and a trained draft, decode speculatively, evaluate."""

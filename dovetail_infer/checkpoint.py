@@ -1,0 +1,101 @@
+"""Exported draft dirs: config.json + model.safetensors (trainable weights only) + dovetail.json.
+
+A draft dir is self-describing: it rebuilds the draft without Hydra or Lightning and says which target
+it was trained for, so a mismatch is refused before any decoding. Weights load from safetensors only:
+nothing in a draft dir is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dovetail_infer.models.draft import DraftConfig, DraftModel
+
+CONFIG, WEIGHTS, META = "config.json", "model.safetensors", "dovetail.json"
+FORMAT_VERSION = 1
+
+
+class DraftMismatchError(ValueError):
+    """The draft was trained for another target (size, vocab, tokenizer or chat template)."""
+
+
+def save_draft(
+    draft: DraftModel, out_dir: str | Path, target_identity: dict[str, Any], summary: dict[str, Any] | None = None
+) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(sd, tmp, metadata={"format": "pt"})
+    tmp.replace(out / WEIGHTS)  # atomic: a crash never leaves a half-written weights file in place
+    (out / CONFIG).write_text(json.dumps(draft.config.to_dict(), indent=2))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "target": target_identity,
+        "trainable_params": draft.num_trainable(),
+        "summary": summary or {},
+    }
+    (out / META).write_text(json.dumps(meta, indent=2, default=str))
+    return out
+
+
+def read_meta(draft_dir: str | Path) -> dict[str, Any]:
+    path = Path(draft_dir) / META
+    if not path.exists():
+        raise FileNotFoundError(f"{draft_dir} is not a Dovetail draft dir: {META} is missing")
+    return json.loads(path.read_text())
+
+
+def check_compatible(
+    meta: dict[str, Any], config: DraftConfig, target_identity: dict[str, Any], where: str = ""
+) -> None:
+    """Raise DraftMismatchError naming both sides when the draft does not fit the target."""
+    trained = meta.get("target", {})
+    problems = []
+    for key in ("hidden_size", "vocab_size", "template_hash"):
+        if key in trained and key in target_identity and trained[key] != target_identity[key]:
+            problems.append(f"{key}: draft {trained[key]!r} vs target {target_identity[key]!r}")
+    if config.hidden_size != target_identity.get("hidden_size", config.hidden_size):
+        problems.append(f"hidden_size: draft config {config.hidden_size} vs target {target_identity['hidden_size']}")
+    if config.vocab_size != target_identity.get("vocab_size", config.vocab_size):
+        problems.append(f"vocab_size: draft config {config.vocab_size} vs target {target_identity['vocab_size']}")
+    if problems:
+        raise DraftMismatchError(
+            f"draft {where or ''} was trained for target {trained.get('name')!r} ({trained.get('source_id')}) but the "
+            f"loaded target is {target_identity.get('name')!r} ({target_identity.get('source_id')}): "
+            + "; ".join(problems)
+        )
+
+
+def load_draft(
+    draft_dir: str | Path,
+    target_identity: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[DraftModel, dict[str, Any]]:
+    """Rebuild a draft from its dir; with `target_identity`, refuse a draft made for another target."""
+    d = Path(draft_dir)
+    for name in (CONFIG, WEIGHTS, META):
+        if not (d / name).exists():
+            raise FileNotFoundError(f"{d} is not a Dovetail draft dir: {name} is missing")
+    config = DraftConfig.from_dict(json.loads((d / CONFIG).read_text()))
+    meta = read_meta(d)
+    if target_identity is not None:
+        check_compatible(meta, config, target_identity, where=str(d))
+    try:
+        sd = load_file(d / WEIGHTS)
+    except Exception as e:  # a pickle or a corrupted file: safetensors refuses it without running code
+        raise ValueError(f"{d / WEIGHTS} is not a valid safetensors file ({e})") from e
+    draft = DraftModel(config)
+    missing, unexpected = draft.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise DraftMismatchError(
+            f"{d / WEIGHTS} does not match its config.json (depth {config.depth}, fusion {config.fusion}): "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    return draft.to(device=device, dtype=dtype).eval(), meta

@@ -1,0 +1,1 @@
+"""Dovetail training: distil a DGF draft from a target's features."""
