@@ -1,0 +1,179 @@
+"""DistillDataModule: conversations -> (regenerated replies) -> tokens + loss mask -> features -> batches."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dovetail_infer.models.target import Target
+from dovetail_train.data.conversations import load_conversations
+from dovetail_train.data.features import FeatureCache, build_feature_cache
+from dovetail_train.data.regenerate import regenerate
+from dovetail_train.data.tokenize import tokenize_conversation
+
+log = logging.getLogger(__name__)
+
+
+class TokenDataset(Dataset):
+    """Tokens and loss masks only (online features: the target runs inside the training step)."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ex = self.examples[i]
+        return {"input_ids": torch.tensor(ex["input_ids"]), "loss_mask": torch.tensor(ex["loss_mask"])}
+
+
+class Subset(Dataset):
+    def __init__(self, base: Dataset, indices: list[int]) -> None:
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row; padding has loss_mask 0 (and zero features)."""
+    T = max(r["input_ids"].shape[0] for r in rows)
+    B = len(rows)
+    out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.float32)}
+    if "hidden" in rows[0]:
+        out["hidden"] = torch.zeros(B, T, rows[0]["hidden"].shape[-1], dtype=rows[0]["hidden"].dtype)
+    for i, r in enumerate(rows):
+        n = r["input_ids"].shape[0]
+        out["input_ids"][i, :n] = r["input_ids"]
+        out["loss_mask"][i, :n] = r["loss_mask"].float()
+        if "hidden" in out:
+            out["hidden"][i, :n] = r["hidden"]
+    return out
+
+
+class DistillDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        target: Target,
+        path: str,
+        cache_dir: str,
+        name: str = "data",
+        regenerate: bool = False,
+        max_new_tokens: int = 256,
+        regen_batch_size: int = 32,
+        limit: int | None = None,
+        max_length: int = 1024,
+        val_fraction: float = 0.05,
+        val_max_rows: int | None = None,
+        features: str = "offline",
+        storage_dtype: str = "bfloat16",
+        verify_cache: bool = True,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if features not in ("offline", "online"):
+            raise ValueError(f"data.features must be 'offline' or 'online', got {features!r}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.target = target
+        self.cfg = dict(locals())
+        for k in ("self", "target", "__class__"):
+            self.cfg.pop(k, None)
+        self.summary: dict[str, Any] = {}
+        self._dataset: Dataset | None = None
+
+    def _examples(self) -> list[dict[str, list[int]]]:
+        c = self.cfg
+        path = Path(c["path"]).expanduser()
+        convs, report = load_conversations(path, limit=c["limit"], require_reply=not c["regenerate"])
+        self.summary.update(data_path=str(path), rows=len(convs), skipped=dict(report.counts))
+        if c["regenerate"]:
+            convs = regenerate(
+                self.target,
+                convs,
+                cache_dir=Path(c["cache_dir"]) / "regenerated",
+                max_new_tokens=c["max_new_tokens"],
+                batch_size=c["regen_batch_size"],
+            )
+        examples = []
+        for conv in convs:
+            ex = tokenize_conversation(self.target, conv.messages, max_length=c["max_length"])
+            if sum(ex["loss_mask"][1:]) > 0:
+                examples.append(ex)
+        if not examples:
+            raise ValueError(f"{path}: no conversation has assistant tokens within data.max_length={c['max_length']}")
+        self.summary.update(examples=len(examples), tokens=sum(len(e["input_ids"]) for e in examples))
+        self.summary["assistant_tokens"] = sum(sum(e["loss_mask"]) for e in examples)
+        log.info(
+            "data: %d examples, %d tokens (%d assistant)",
+            len(examples),
+            self.summary["tokens"],
+            self.summary["assistant_tokens"],
+        )
+        return examples
+
+    def _cache_key(self) -> dict[str, Any]:
+        c = self.cfg
+        keys = ("path", "limit", "regenerate", "max_new_tokens", "max_length", "storage_dtype")
+        return {"target": self.target.identity(), "dtype": str(self.target.dtype), **{k: c[k] for k in keys}}
+
+    def prepare_data(self) -> None:
+        """Runs once per node (rank 0): builds every cache, so setup() on all ranks only opens them."""
+        self._build()
+
+    def _build(self) -> Dataset:
+        if self._dataset is not None:
+            return self._dataset
+        examples = self._examples()
+        if self.cfg["features"] == "online":
+            self._dataset = TokenDataset(examples)
+        else:
+            cache: FeatureCache = build_feature_cache(
+                self.target,
+                examples,
+                cache_root=Path(self.cfg["cache_dir"]) / "features",
+                key=self._cache_key(),
+                storage_dtype=self.cfg["storage_dtype"],
+                verify=self.cfg["verify_cache"],
+            )
+            self.summary.update(feature_cache=str(cache.path), bytes_per_token=cache.bytes_per_token)
+            self._dataset = cache
+        return self._dataset
+
+    def setup(self, stage: str | None = None) -> None:
+        ds = self._build()
+        idx = list(range(len(ds)))
+        random.Random(self.cfg["seed"]).shuffle(idx)
+        n_val = max(1, round(len(idx) * self.cfg["val_fraction"]))
+        if self.cfg["val_max_rows"]:
+            n_val = min(n_val, self.cfg["val_max_rows"])
+        if len(idx) < 2:
+            raise ValueError(f"need at least 2 usable examples for a train/val split, got {len(idx)}")
+        self.val_set, self.train_set = Subset(ds, idx[:n_val]), Subset(ds, idx[n_val:])
+        self.summary.update(train_examples=len(self.train_set), val_examples=len(self.val_set))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.cfg["batch_size"],
+            shuffle=True,
+            collate_fn=collate,
+            num_workers=self.cfg["num_workers"],
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_set, batch_size=self.cfg["batch_size"], collate_fn=collate, num_workers=self.cfg["num_workers"]
+        )

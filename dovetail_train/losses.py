@@ -1,0 +1,94 @@
+"""Pure loss and metric functions for draft distillation.
+
+Alignment (EAGLE): the draft reads (f_i, t_{i+1}) and predicts f_{i+1}. A position counts when t_{i+1}
+is an assistant token, i.e. exactly the positions the draft sees while the model writes a reply.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def shift_batch(input_ids: torch.Tensor, hidden: torch.Tensor, loss_mask: torch.Tensor):
+    """-> feat_in f_i (B,T-1,D), tok_in t_{i+1} (B,T-1), feat_target f_{i+1} (B,T-1,D), mask (B,T-1)."""
+    return hidden[:, :-1], input_ids[:, 1:], hidden[:, 1:], loss_mask[:, 1:].float()
+
+
+def uniform_noise(feat: torch.Tensor, std: float) -> torch.Tensor:
+    """Uniform noise of width `std` (U(-std/2, std/2)) on the input features, as in EAGLE's training."""
+    if std <= 0:
+        return feat
+    return feat + (torch.rand_like(feat) - 0.5) * std
+
+
+def distill_losses(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    head_weight: torch.Tensor,
+    w_feat: float = 1.0,
+    w_tok: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """w_feat * SmoothL1(pred, f_next) + w_tok * CE(softmax(head(f_next)), log_softmax(head(pred))).
+
+    Both terms are averaged over masked positions only; the LM head runs only on those positions,
+    which keeps a 32k-50k vocabulary affordable on a CPU.
+    """
+    sel = mask.reshape(-1) > 0
+    n = sel.sum().clamp(min=1)
+    p = pred.reshape(-1, pred.shape[-1])[sel]
+    t = target.reshape(-1, target.shape[-1])[sel].to(p.dtype)
+    feat_loss = F.smooth_l1_loss(p.float(), t.float(), reduction="sum") / (n * p.shape[-1])
+    w = head_weight.to(p.dtype)
+    with torch.no_grad():
+        t_logits = (t @ w.T).float()
+        t_prob = t_logits.softmax(-1)
+        t_top = t_logits.argmax(-1)
+    p_logits = (p @ w.T).float()
+    tok_loss = -(t_prob * p_logits.log_softmax(-1)).sum() / n
+    top1 = (p_logits.argmax(-1) == t_top).float().sum() / n
+    return {
+        "loss": w_feat * feat_loss + w_tok * tok_loss,
+        "feat_loss": feat_loss.detach(),
+        "tok_loss": tok_loss.detach(),
+        "top1_acc": top1.detach(),
+        "n_tokens": n.detach().float(),
+    }
+
+
+@torch.no_grad()
+def simulated_tau(
+    draft_fn,
+    feat_in: torch.Tensor,
+    tok_emb: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    head_weight: torch.Tensor,
+    steps: int,
+) -> torch.Tensor:
+    """Expected accepted length of a `steps`-token chain rolled out from the draft's own features.
+
+    Step s feeds the draft the features it predicted at step s-1 (shifted by one position), so the
+    chain starting at position i is accepted while the draft's argmax token matches the target's at
+    i, i+1, ...; τ = 1 + mean accepted tokens over assistant positions (the target's bonus token).
+    A cheap proxy of true speculative decoding, computed in `steps` parallel draft forwards.
+    """
+    w = head_weight.to(feat_in.dtype)
+    t_top = (target @ w.T).argmax(-1)  # (B, T) the target's next token at each position
+    feats = feat_in
+    alive = mask > 0
+    accepted = torch.zeros_like(mask, dtype=torch.float32)
+    T = feat_in.shape[1]
+    for s in range(steps):
+        pred = draft_fn(feats, tok_emb)
+        match = (pred @ w.T).argmax(-1) == t_top  # (B, T)
+        # the chain starting at i uses step s's prediction at position i + s
+        shifted = torch.zeros_like(alive)
+        if s < T:
+            shifted[:, : T - s] = match[:, s:] & (mask[:, s:] > 0)
+        alive = alive & shifted
+        accepted += alive.float()
+        feats = torch.cat([feat_in[:, :1], pred[:, :-1]], dim=1)
+    valid = mask > 0
+    return 1.0 + accepted[valid].mean() if valid.any() else torch.tensor(1.0)

@@ -1,0 +1,107 @@
+"""train(cfg) -> (metrics, objects): build everything from the config in one place, fit, export."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dovetail_infer.checkpoint import save_draft
+from dovetail_infer.models.draft import DraftConfig
+from dovetail_infer.models.target import load_target
+from dovetail_train.data.datamodule import DistillDataModule
+from dovetail_train.module import DistillModule
+
+log = logging.getLogger(__name__)
+
+
+def check_output_dir(path: str | Path, min_free_bytes: int = 200 << 20) -> Path:
+    """Fail before long work starts when the output dir is unwritable or the disk is (nearly) full."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output dir {out} is not writable ({e}); set hydra.run.dir or paths.log_dir") from e
+    free = shutil.disk_usage(out).free
+    if free < min_free_bytes:
+        raise OSError(f"only {free >> 20} MiB free at {out}; Dovetail needs at least {min_free_bytes >> 20} MiB")
+    return out
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        last = out_dir / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            raise FileNotFoundError(
+                f"ckpt_path=last but {last} does not exist; resume inside the old run dir with hydra.run.dir=<run dir>"
+            )
+        return str(last)
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+    return ckpt_path
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    out_dir = check_output_dir(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_num_threads(int(cfg.get("num_threads") or os.cpu_count() or 1))
+    t0 = time.time()
+    target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
+    draft_cfg = DraftConfig.from_target(target.config, **OmegaConf.to_container(cfg.draft, resolve=True))
+    datamodule = DistillDataModule(target=target, seed=cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True))
+    online = cfg.data.features == "online"
+    module = DistillModule(
+        draft_cfg,
+        embed_weight=target.embed.weight,
+        head_weight=target.lm_head.weight,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        sim_tau_steps=cfg.sim_tau_steps,
+        target_model=target.model if online else None,
+    )
+    n_params = module.draft.num_trainable()
+    log.info(
+        "draft: depth %d, fusion %s, %.2fM trainable parameters", draft_cfg.depth, draft_cfg.fusion, n_params / 1e6
+    )
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    train_s = time.time() - t0
+    draft_dir = None
+    if trainer.is_global_zero:
+        summary = {
+            "metrics": metrics,
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "train_seconds": round(train_s, 1),
+            "trainable_params": n_params,
+            "data": datamodule.summary,
+            "config": OmegaConf.to_container(cfg, resolve=False),
+        }
+        draft_dir = save_draft(module.draft, out_dir / "draft", target.identity(), summary)
+        log.info("exported draft to %s", draft_dir)
+    metrics["trainable_params"] = n_params
+    objects = {"target": target, "module": module, "trainer": trainer, "datamodule": datamodule, "draft_dir": draft_dir}
+    return metrics, objects

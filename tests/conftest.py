@@ -1,0 +1,37 @@
+"""Shared fixtures: targets built from the same conf/target/*.yaml files users select."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dovetail_infer.models.target import Target, load_target
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = os.environ.get("DOVETAIL_CACHE", str(ROOT / "data" / "cache"))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def target_spec(name: str, **overrides) -> dict:
+    """The dict a user gets from `target=<name>`, with the cache dir resolved for tests."""
+    spec = yaml.safe_load((ROOT / "conf" / "target" / f"{name}.yaml").read_text())
+    spec["cache_dir"] = CACHE
+    if isinstance(spec.get("tokenizer"), dict):
+        spec["tokenizer"]["cache_dir"] = CACHE
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def tiny_target() -> Target:
+    return load_target(target_spec("tiny_random"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_target() -> Target:
+    return load_target(target_spec("smollm2_135m", dtype="float32"))
