@@ -1,0 +1,99 @@
+"""End-to-end training through the real entry point (`python train.py ...`) on the tiny random target."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["target=tiny_random", "data.regen_batch_size=16"]
+
+
+def run_train(*overrides: str, multirun: bool = False, check: bool = True, timeout: int = 600):
+    cmd = [sys.executable, "train.py", *(["-m"] if multirun else []), *TINY, *overrides]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fast_dev_run_exports_a_draft_dir(tmp_path):
+    proc = run_train("draft.depth=4", "debug=fdr", f"hydra.run.dir={tmp_path}")
+    conf = json.loads((tmp_path / "draft" / "config.json").read_text())
+    assert conf["depth"] == 4 and conf["fusion"] == "dgf"
+    meta = json.loads((tmp_path / "draft" / "dovetail.json").read_text())
+    assert meta["target"]["name"] == "tiny_random"
+    assert meta["summary"]["data"]["train_examples"] > 0
+    assert f"exported draft: {tmp_path / 'draft'}" in proc.stdout
+    assert (tmp_path / "draft" / "model.safetensors").stat().st_size > 0
+
+
+def test_multirun_makes_one_dir_per_job(tmp_path):
+    run_train("draft.depth=1,2", "debug=fdr", f"hydra.sweep.dir={tmp_path}", multirun=True)
+    depths = sorted(json.loads(p.read_text())["depth"] for p in tmp_path.glob("*/draft/config.json"))
+    assert depths == [1, 2]
+
+
+def test_bad_key_and_value_fail_naming_the_key(tmp_path):
+    proc = run_train("draft.dept=4", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "draft.dept" in proc.stderr
+    proc = run_train("draft.depth=0", "debug=fdr", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "depth" in proc.stderr
+
+
+def test_training_learns_and_resumes_from_checkpoint(tmp_path):
+    common = [
+        "data.limit=48",
+        "data.max_new_tokens=24",
+        "data.batch_size=8",
+        "trainer.precision=32-true",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.monitor=null",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    run_train(*common, "trainer.max_steps=6", "trainer.max_epochs=-1", "trainer.val_check_interval=3")
+    rows = metrics_rows(tmp_path)
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    first = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    run_train(*common, "trainer.max_steps=12", "trainer.max_epochs=-1", "trainer.val_check_interval=3", "ckpt_path=last")
+    rows = metrics_rows(tmp_path)
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert max(steps) >= 10, steps  # the resumed run continued past the first run's 6 steps
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses[-1] < first[0], (first, losses)
+    meta = json.loads((tmp_path / "draft" / "dovetail.json").read_text())
+    assert meta["summary"]["global_step"] == 12
+
+
+def test_ddp_on_cpu_with_two_processes(tmp_path):
+    run_train(
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "trainer.precision=32-true",
+        "data.limit=16",
+        "data.max_new_tokens=12",
+        "data.batch_size=4",
+        "num_threads=1",
+        f"hydra.run.dir={tmp_path}",
+    )
+    meta = json.loads((tmp_path / "draft" / "dovetail.json").read_text())
+    assert meta["summary"]["global_step"] == 2
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_online_features(tmp_path):
+    run_train("data.features=online", "debug=fdr", f"hydra.run.dir={tmp_path}")
+    assert (tmp_path / "draft" / "model.safetensors").exists()
