@@ -23,8 +23,12 @@ def run_train(*overrides: str, multirun: bool = False, check: bool = True, timeo
 
 
 def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+    """All rows of all CSV logger versions of a run dir (a resumed run writes a new version)."""
+    rows = []
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
 
 
 def test_fast_dev_run_exports_a_draft_dir(tmp_path):
@@ -57,6 +61,7 @@ def test_training_learns_and_resumes_from_checkpoint(tmp_path):
         "data.max_new_tokens=24",
         "data.batch_size=8",
         "trainer.precision=32-true",
+        "trainer.log_every_n_steps=1",
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "callbacks.model_checkpoint.save_top_k=-1",
         "callbacks.model_checkpoint.monitor=null",
@@ -66,10 +71,13 @@ def test_training_learns_and_resumes_from_checkpoint(tmp_path):
     rows = metrics_rows(tmp_path)
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     first = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    run_train(*common, "trainer.max_steps=12", "trainer.max_epochs=-1", "trainer.val_check_interval=3", "ckpt_path=last")
+    run_train(
+        *common, "trainer.max_steps=12", "trainer.max_epochs=-1", "trainer.val_check_interval=3", "ckpt_path=last"
+    )
     rows = metrics_rows(tmp_path)
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
-    assert max(steps) >= 10, steps  # the resumed run continued past the first run's 6 steps
+    assert max(steps) == 11 and min(steps) == 0, steps  # steps 0..5, then the resumed run's 6..11
+    assert sorted(set(steps)) == list(range(12)), steps
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert losses[-1] < first[0], (first, losses)
     meta = json.loads((tmp_path / "draft" / "dovetail.json").read_text())
