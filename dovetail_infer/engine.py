@@ -1,0 +1,290 @@
+"""Speculative decoding (EAGLE flow): target prefill -> [draft a tree -> transfer -> verify -> accept]*.
+
+The draft runs on `draft_device` with its own copies of the target's embedding and LM head; the target
+stays on its device. Only token ids (plus, when sampling, the draft distributions the tree's children
+were drawn from) go to the target, and only the accepted tokens and their true features come back.
+
+Draft bookkeeping: draft entry i takes (f_i, emb(t_{i+1})) at RoPE position i and predicts f_{i+1},
+as in training. A tree node at depth d (sequence position L+d, L = committed length) is expanded with
+its parent's *predicted* feature at position L+d-1, written past the draft cache's committed length
+as scratch under a tree mask; after verification the scratch is overwritten by the accepted tokens
+paired with their *true* target features.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dovetail_infer.baseline import autoregressive, finish, next_token, sync
+from dovetail_infer.checkpoint import load_draft
+from dovetail_infer.kv_cache import KVCache
+from dovetail_infer.models.draft import DraftModel
+from dovetail_infer.models.target import Target
+from dovetail_infer.sampling import greedy_accept, gumbel_pick, log_probs, probs, sample_accept
+from dovetail_infer.tree import DraftTree, grow_tree, topk_pick
+
+
+@dataclass
+class InferConfig:
+    budget: int = 8  # draft tokens per target forward (tree nodes, root excluded)
+    depth: int = 6
+    top_k: int = 4
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "depth", "top_k", "max_new_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"InferConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.temperature < 0:
+            raise ValueError(f"InferConfig.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"InferConfig.top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class GenerationResult:
+    output_ids: list[int]  # new tokens only, EOS included when generated
+    new_tokens: int
+    forwards: int  # target forwards after prefill
+    tau: float  # new_tokens / forwards
+    accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per forward
+    accepted_per_depth: list[int] = field(default_factory=list)  # forwards that accepted a draft token at depth d+1
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    transfer_s: float = 0.0
+    other_s: float = 0.0
+    transfer_bytes: int = 0
+    tokens_per_s: float = 0.0
+
+
+class _Clock:
+    """Accumulates wall time per key, synchronising CUDA around each timed region."""
+
+    def __init__(self, *devices: torch.device) -> None:
+        self.devices, self.s = devices, defaultdict(float)
+
+    @contextmanager
+    def __call__(self, key: str):
+        sync(*self.devices)
+        t0 = time.perf_counter()
+        yield
+        sync(*self.devices)
+        self.s[key] += time.perf_counter() - t0
+
+
+class Dovetail:
+    """A target plus an optional draft. `generate` decodes speculatively; `generate_baseline` does not."""
+
+    def __init__(
+        self, target: Target, draft: DraftModel | None, draft_device: str | None = None, max_len: int | None = None
+    ) -> None:
+        self.target = target
+        self.tdev = target.device
+        self.ddev = torch.device(draft_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        ctx = target.config.max_position_embeddings
+        self.max_len = min(max_len, ctx) if max_len else ctx
+        self.draft = None if draft is None else draft.to(self.ddev).eval().requires_grad_(False)
+        if self.draft is not None:  # the draft side's own embedding / LM head (shared when nothing moves)
+            ddtype = next(self.draft.parameters()).dtype
+            self.d_embed = target.embed.weight.detach().to(self.ddev, ddtype)
+            self.d_head = target.lm_head.weight.detach().to(self.ddev, ddtype)
+        self._tcache: KVCache | None = None
+        self._dcache: KVCache | None = None
+
+    @classmethod
+    def from_pretrained(cls, draft_dir: str | Path, target: Target, draft_device: str | None = None) -> Dovetail:
+        """Load an exported draft dir; refuses a draft trained for another target."""
+        dev = draft_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        draft, _ = load_draft(draft_dir, target.identity(), device=dev)
+        return cls(target, draft, dev)
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def _check(self, prompt_ids: list[int], cfg: InferConfig, budget: int) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty: give at least one token (e.g. the BOS token)")
+        V = self.target.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= V:
+            raise ValueError(
+                f"prompt_ids must be token ids in [0, {V}), got min {min(prompt_ids)} max {max(prompt_ids)}"
+            )
+        need = len(prompt_ids) + cfg.max_new_tokens + budget
+        if need > self.max_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) + budget ({budget}) = "
+                f"{need} positions exceed the context of {self.max_len} (target max_position_embeddings or max_len): "
+                "shorten the prompt or lower max_new_tokens"
+            )
+
+    def _caches(self, n_target: int, n_draft: int) -> tuple[KVCache, KVCache | None]:
+        """Static caches, reallocated only when a longer generation needs more room."""
+        if self._tcache is None or self._tcache.max_len < n_target:
+            size = -(-n_target // 256) * 256
+            self._tcache = KVCache.for_model(self.target.config, size, dtype=self.target.dtype, device=self.tdev)
+        if self.draft is not None and (self._dcache is None or self._dcache.max_len < n_draft):
+            c, size = self.draft.config, -(-n_draft // 256) * 256
+            dtype = next(self.draft.parameters()).dtype
+            self._dcache = KVCache(c.depth, c.n_kv_heads, c.head_dim, size, dtype=dtype, device=self.ddev)
+        return self._tcache, self._dcache
+
+    def _budget(self, cfg: InferConfig) -> int:
+        return cfg.budget if self.draft is not None else 0
+
+    # ---- draft side -----------------------------------------------------------------------------
+
+    def _draft_step(self, feats: torch.Tensor, next_ids: list[int], start: int) -> torch.Tensor:
+        """Commit (true feature, next token) pairs at [start, start+T); returns the last predicted feature."""
+        dc = self._dcache
+        ids = torch.tensor(next_ids, device=self.ddev)
+        dc.rollback(start)  # drops the previous tree's scratch
+        out = self.draft(feats[None], F.embedding(ids, self.d_embed)[None], cache=dc, start=start)
+        dc.length = start + len(next_ids)
+        return out[0, -1]
+
+    def _grow(self, root: int, pred: torch.Tensor, cfg: InferConfig, gen: torch.Generator):
+        """Draft a tree below `root` from the root's predicted feature `pred` (D,)."""
+        dc, nd = self._dcache, self._dcache.length
+        sampling = cfg.temperature > 0
+        state = {"feats": pred[None], "vis": torch.zeros(1, 0, dtype=torch.bool, device=self.ddev)}
+
+        def log_q(h: torch.Tensor) -> torch.Tensor:
+            return log_probs(F.linear(h, self.d_head), cfg.temperature, cfg.top_p)
+
+        def expand(parent_rows: list[int], tokens: list[int], depth: int) -> torch.Tensor:
+            n_new, rows = len(tokens), torch.tensor(parent_rows, device=self.ddev)
+            prev = state["vis"][rows]  # (F, scratch so far): each parent's visible scratch slots
+            slot = prev.shape[1]
+            vis = torch.cat([prev, torch.eye(n_new, dtype=torch.bool, device=self.ddev)], 1)
+            mask = torch.cat([torch.ones(n_new, nd, dtype=torch.bool, device=self.ddev), vis], 1)
+            pos = torch.full((1, n_new), nd + depth - 1, device=self.ddev)
+            emb = F.embedding(torch.tensor(tokens, device=self.ddev), self.d_embed)
+            out = self.draft(state["feats"][rows][None], emb[None], pos, mask[None, None], dc, nd + slot)[0]
+            state["feats"] = out
+            state["vis"] = vis
+            return log_q(out)
+
+        pick = (lambda lq, k: gumbel_pick(lq, k, gen)) if sampling else topk_pick
+        return grow_tree(root, log_q(pred), expand, cfg.budget, cfg.depth, cfg.top_k, pick)
+
+    # ---- decoding -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], cfg: InferConfig | None = None) -> GenerationResult:
+        """Speculative decoding of one prompt; greedy output equals the target's own, sampling is lossless."""
+        cfg = cfg or InferConfig()
+        budget = self._budget(cfg)
+        self._check(prompt_ids, cfg, budget)
+        n, model, eos = len(prompt_ids), self.target.model, self.target.eos_ids
+        tc, dc = self._caches(n + cfg.max_new_tokens + budget, n + cfg.max_new_tokens + cfg.top_k * cfg.depth + 1)
+        tgen = torch.Generator(self.tdev).manual_seed(cfg.seed)
+        dgen = torch.Generator(self.ddev).manual_seed((cfg.seed * 6364136223846793005 + 1442695040888963407) % 2**63)
+        clock, nbytes = _Clock(self.tdev, self.ddev), 0
+        sampling = cfg.temperature > 0
+
+        with clock("prefill"):
+            tc.reset()
+            h = model(torch.tensor([prompt_ids], device=self.tdev), cache=tc, start=0)[0]
+            tc.length = n
+            out, stop = finish(
+                [next_token(model.logits(h[-1]), cfg.temperature, cfg.top_p, tgen)], eos, cfg.max_new_tokens
+            )
+            if self.draft is not None and not stop:
+                feats = h.to(self.ddev, self.d_embed.dtype)
+                nbytes += h.numel() * h.element_size() + 8 * n
+                dc.reset()
+                pred = self._draft_step(feats, list(prompt_ids[1:]) + out, 0)
+
+        t_decode = time.perf_counter()
+        forwards, accept_lengths, per_depth = 0, [], [0] * cfg.depth
+        while not stop:
+            root = out[-1]
+            with clock("draft"):
+                tree, dists = (
+                    self._grow(root, pred, cfg, dgen) if self.draft is not None else (DraftTree.root_only(root), {})
+                )
+            with clock("transfer"):  # token ids and parents (and the q rows sampling verifies with)
+                ids = torch.tensor(tree.tokens, device=self.tdev)
+                nbytes += 16 * len(tree.tokens)
+                q_rows = {}
+                if sampling:
+                    for node in {p for p in tree.parents if p >= 0}:
+                        q_rows[node] = dists[tree.cand[node]].exp().to(self.tdev)
+                        nbytes += q_rows[node].numel() * q_rows[node].element_size()
+            with clock("verify"):
+                L, N1 = tc.length, len(tree.tokens)
+                pos = (L + torch.tensor(tree.depths, device=self.tdev))[None]
+                mask = torch.cat([torch.ones(N1, L, dtype=torch.bool, device=self.tdev), tree.mask(self.tdev)], 1)
+                h = model(ids[None], pos, mask[None, None], tc, start=L)[0]  # (N+1, D)
+                logits = model.logits(h)
+                if sampling:
+                    path, bonus = sample_accept(tree, probs(logits, cfg.temperature, cfg.top_p), q_rows, tgen)
+                else:
+                    path, bonus = greedy_accept(tree, logits)
+                tc.commit([L + i for i in path], start=L)
+            forwards += 1
+            accept_lengths.append(len(path) - 1)
+            for d in range(len(path) - 1):
+                per_depth[d] += 1
+            new, stop = finish([tree.tokens[i] for i in path[1:]] + [bonus], eos, cfg.max_new_tokens - len(out))
+            out += new
+            if stop or self.draft is None:
+                continue
+            with clock("transfer"):  # accepted tokens and their true features back to the draft
+                feats = h[path].to(self.ddev, self.d_embed.dtype)
+                nbytes += h[path].numel() * h.element_size() + 8 * len(new)
+            with clock("draft"):
+                pred = self._draft_step(feats, new, dc.length)
+        sync(self.tdev, self.ddev)
+        decode_s = time.perf_counter() - t_decode
+        s = clock.s
+        return GenerationResult(
+            output_ids=out,
+            new_tokens=len(out),
+            forwards=forwards,
+            tau=len(out) / forwards if forwards else 0.0,
+            accept_lengths=accept_lengths,
+            accepted_per_depth=per_depth,
+            prefill_s=s["prefill"],
+            decode_s=decode_s,
+            draft_s=s["draft"],
+            verify_s=s["verify"],
+            transfer_s=s["transfer"],
+            other_s=max(decode_s - s["draft"] - s["verify"] - s["transfer"], 0.0),
+            transfer_bytes=nbytes,
+            tokens_per_s=len(out) / decode_s if decode_s > 0 else 0.0,
+        )
+
+    @torch.no_grad()
+    def generate_baseline(self, prompt_ids: list[int], cfg: InferConfig | None = None) -> GenerationResult:
+        """Target-only autoregressive decoding on the target's device (the speedup reference)."""
+        cfg = cfg or InferConfig()
+        self._check(prompt_ids, cfg, 0)
+        tc, _ = self._caches(len(prompt_ids) + cfg.max_new_tokens, 0)
+        gen = torch.Generator(self.tdev).manual_seed(cfg.seed)
+        out, forwards, prefill_s, decode_s = autoregressive(
+            self.target.model, prompt_ids, tc, cfg.max_new_tokens, self.target.eos_ids, cfg.temperature, cfg.top_p, gen
+        )
+        return GenerationResult(
+            output_ids=out,
+            new_tokens=len(out),
+            forwards=forwards,
+            tau=len(out) / forwards if forwards else 0.0,
+            accept_lengths=[0] * forwards,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            verify_s=decode_s,
+            tokens_per_s=len(out) / decode_s if decode_s > 0 else 0.0,
+        )

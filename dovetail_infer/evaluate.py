@@ -1,0 +1,286 @@
+"""Evaluate an exported draft: benchmarks x draft-token budgets -> answers JSONL, summary JSON/Markdown, plots.
+
+Pure Python (no Hydra, Lightning or dovetail_train): `evaluate(cfg)` takes a plain dict shaped like
+conf/evaluate.yaml. For each bench the target-only baseline runs once; its answers fix every prompt
+(a multi-turn question's later turns are asked after the baseline's own earlier answers), and each
+budget's speculative run decodes exactly those prompt ids, so the two are compared on the same inputs.
+Prompts that do not fit the context (prompt + max_new_tokens + budget + 1) are skipped with a warning
+and counted (`n_skipped`), together with the later turns of their conversation.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dovetail_infer.bench import bench_names, conversation, load_bench
+from dovetail_infer.checkpoint import CONFIG, read_meta
+from dovetail_infer.engine import Dovetail, InferConfig
+from dovetail_infer.models.target import Target, load_target
+from dovetail_infer.report import summarize, text_table, write_report
+
+log = logging.getLogger(__name__)
+
+TIME_KEYS = ("prefill_s", "decode_s", "draft_s", "verify_s", "transfer_s", "other_s")
+INFER_DEFAULTS: dict[str, Any] = {
+    "budget": 8,
+    "budgets": None,
+    "depth": 6,
+    "top_k": 4,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "max_new_tokens": 128,
+    "target_device": None,
+    "draft_device": "auto",
+    "max_len": None,
+    "warmup": 1,
+    "progress": True,
+}
+
+
+def _missing(value: Any) -> bool:
+    return value in (None, "", "???")
+
+
+def resolve_device(name: str | None) -> str:
+    """`auto` -> cuda when available, else cpu."""
+    if _missing(name) or name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(name)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB."""
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+
+
+def _infer_config(infer: dict[str, Any], budget: int, seed: int, **overrides: Any) -> InferConfig:
+    names = {f.name for f in dataclasses.fields(InferConfig)}
+    values = {k: v for k, v in infer.items() if k in names}
+    return InferConfig(**{**values, "budget": int(budget), "seed": seed, **overrides})
+
+
+def _record(prompt: dict[str, Any], res: Any, tokenizer: Any) -> dict[str, Any]:
+    out_ids = [int(t) for t in res.output_ids]
+    decode_s = getattr(res, "decode_s", None)
+    tps = getattr(res, "tokens_per_s", None)
+    if tps is None and decode_s:
+        tps = res.new_tokens / decode_s
+    if not res.forwards:  # EOS straight after prefill: no decoding step, so no meaningful tokens/s
+        tps = None
+    rec = {k: prompt[k] for k in ("question_id", "category", "turn", "prompt_ids")}
+    rec.update(
+        output_ids=out_ids,
+        text=tokenizer.decode(out_ids, skip_special_tokens=True).strip() if tokenizer is not None else "",
+        new_tokens=int(res.new_tokens),
+        forwards=int(res.forwards),
+        tau=float(res.tau),
+        tokens_per_s=tps,
+        accept_lengths=[int(a) for a in (getattr(res, "accept_lengths", None) or [])],
+        transfer_bytes=getattr(res, "transfer_bytes", None),
+    )
+    rec.update({k: getattr(res, k, None) for k in TIME_KEYS})
+    return rec
+
+
+def _prompts(target: Target, questions: list, name: str, limit_len: int) -> tuple[list[dict], int]:
+    """Turn-0 prompts of every question (later turns are added once the baseline has answered)."""
+    prompts, skipped = [], 0
+    for q in questions:
+        ids = target.apply_chat_template(conversation(q, [], 0))
+        if len(ids) > limit_len:
+            log.warning(
+                "%s question %s: prompt of %d tokens exceeds %d; skipped", name, q.question_id, len(ids), limit_len
+            )
+            skipped += len(q.turns)
+            continue
+        prompts.append(
+            {"question": q, "question_id": q.question_id, "category": q.category, "turn": 0, "prompt_ids": ids}
+        )
+    return prompts, skipped
+
+
+def _run_baseline(engine, target, prompts, infer, seed, limit_len, bar, path) -> tuple[list[dict], int]:
+    """Baseline over all prompts; appends later turns built from its own answers. Returns records, skipped."""
+    records, skipped, queue = [], 0, list(prompts)
+    cfg = _infer_config(infer, infer["budget"], seed)
+    with open(path, "w", encoding="utf-8") as f:
+        while queue:
+            p = queue.pop(0)
+            rec = _record(p, engine.generate_baseline(p["prompt_ids"], cfg), target.tokenizer)
+            records.append(rec)
+            p["answers"] = [*p.get("answers", []), rec["text"]]
+            f.write(json.dumps(rec) + "\n")
+            bar.update(1)
+            q, turn = p["question"], p["turn"] + 1
+            if turn < len(q.turns):
+                ids = target.apply_chat_template(conversation(q, p["answers"], turn))
+                if len(ids) > limit_len:
+                    log.warning(
+                        "question %s turn %d: %d tokens exceed %d; skipped", q.question_id, turn, len(ids), limit_len
+                    )
+                    skipped += len(q.turns) - turn
+                    continue
+                nxt = {**p, "turn": turn, "prompt_ids": ids}
+                prompts.append(nxt)
+                queue.insert(0, nxt)
+                bar.total += 1 + len(infer["budgets"])
+                bar.refresh()
+    return records, skipped
+
+
+def evaluate_bench(engine, target: Target, name: str, questions: list, infer: dict, meta: dict, out: Path) -> list:
+    """All budgets of one bench (baseline once); writes answers/<bench>_*.jsonl, returns summary rows."""
+    seed, budgets = int(meta["seed"]), infer["budgets"]
+    context = min(
+        x for x in (infer["max_len"], getattr(engine, "max_len", None), target.config.max_position_embeddings) if x
+    )
+    limit_len = int(context) - int(infer["max_new_tokens"]) - max(budgets) - 1
+    prompts, skipped = _prompts(target, questions, name, limit_len)
+    if not prompts:
+        log.warning("bench %s: no prompt fits the context of %d tokens; nothing to evaluate", name, context)
+        return []
+    bar = tqdm(total=len(prompts) * (1 + len(budgets)), desc=name, unit="prompt", disable=not infer["progress"])
+    for _ in range(int(infer["warmup"])):  # warm up kernels and caches; not recorded
+        engine.generate_baseline(
+            prompts[0]["prompt_ids"],
+            _infer_config(infer, budgets[0], seed, max_new_tokens=min(8, infer["max_new_tokens"])),
+        )
+    bar.set_postfix_str("baseline")
+    baseline, more = _run_baseline(engine, target, prompts, infer, seed, limit_len, bar, out / f"{name}_baseline.jsonl")
+    base_by_key = {(r["question_id"], r["turn"]): r for r in baseline}
+    rows = []
+    for budget in budgets:
+        bar.set_postfix_str(f"budget {budget}")
+        cfg = _infer_config(infer, budget, seed)
+        for _ in range(int(infer["warmup"])):
+            engine.generate(
+                prompts[0]["prompt_ids"], dataclasses.replace(cfg, max_new_tokens=min(8, cfg.max_new_tokens))
+            )
+        cuda = meta["draft_device"].startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(meta["draft_device"])
+        records = []
+        with open(out / f"{name}_b{budget}.jsonl", "w", encoding="utf-8") as f:
+            for p in prompts:
+                rec = _record(p, engine.generate(p["prompt_ids"], cfg), target.tokenizer)
+                rec["matches_baseline"] = rec["output_ids"] == base_by_key[(p["question_id"], p["turn"])]["output_ids"]
+                records.append(rec)
+                f.write(json.dumps(rec) + "\n")
+                bar.update(1)
+        row = {"bench": name, "budget": int(budget), "n_questions": len(questions), "n_skipped": skipped + more}
+        row.update(summarize(records, baseline, int(infer["depth"])))
+        row["peak_draft_mem_mb"] = torch.cuda.max_memory_allocated(meta["draft_device"]) / 2**20 if cuda else None
+        row["peak_rss_mb"] = peak_rss_mb()
+        row.update({k: infer[k] for k in ("depth", "top_k", "temperature", "top_p", "max_new_tokens")})
+        row.update({k: v for k, v in meta.items() if k != "seed"})
+        rows.append(row)
+    bar.close()
+    return rows
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"evaluate() takes a plain dict or a dataclass, got {type(cfg).__name__}")
+    return dict(cfg)
+
+
+def load_eval_target(cfg: dict[str, Any]) -> Target:
+    """The target of `cfg['target']`, on `infer.target_device` when that is set."""
+    spec = dict(cfg["target"])
+    device = (cfg.get("infer") or {}).get("target_device")
+    if not _missing(device):
+        spec["device"] = device
+    return load_target(spec)
+
+
+def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, target: Target | None = None) -> list:
+    """Run every bench x budget for the draft in `cfg['ckpt']`; returns the summary rows (also in summary.json).
+
+    `cfg` keys: ckpt, seed, target (a TargetSpec dict), infer, bench, output_dir (or `output_dir=`).
+    A loaded `target` may be passed to reuse it across calls (e.g. a sweep).
+    """
+    cfg = _as_dict(cfg)
+    ckpt = cfg.get("ckpt")
+    if _missing(ckpt):
+        raise ValueError("ckpt is required: pass ckpt=/path/to/draft_dir (an exported draft dir with config.json)")
+    ckpt = Path(str(ckpt)).expanduser()
+    draft_meta, draft_cfg = read_meta(ckpt), json.loads((ckpt / CONFIG).read_text())  # fail before loading models
+    out_dir = output_dir or cfg.get("output_dir") or (cfg.get("paths") or {}).get("output_dir")
+    if _missing(out_dir):
+        raise ValueError("no output dir: pass output_dir= (the Hydra entry uses the run's output dir)")
+    out = Path(str(out_dir))
+    (out / "answers").mkdir(parents=True, exist_ok=True)
+    infer = {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
+    infer["budgets"] = [int(b) for b in (infer["budgets"] or [infer["budget"]])]
+    bench_cfg = cfg.get("bench") or {"name": "humaneval_pkg"}
+    benches = {
+        n: load_bench(n, bench_cfg.get("root"), bench_cfg.get("path"), bench_cfg.get("limit"))
+        for n in bench_names(bench_cfg)
+    }
+    seed = int(cfg.get("seed") or 0)
+    torch.manual_seed(seed)
+    target = target or load_eval_target(cfg)
+    draft_device = resolve_device(infer["draft_device"])
+    engine = Dovetail.from_pretrained(str(ckpt), target, draft_device=draft_device)
+    meta = {
+        "seed": seed,
+        "draft_device": draft_device,
+        "target_device": str(target.device),
+        "target_dtype": str(target.dtype).replace("torch.", ""),
+        "target": target.spec.name,
+        "ckpt": str(ckpt),
+        "draft_layers": draft_cfg.get("depth"),
+        "fusion": draft_cfg.get("fusion"),
+        "draft_params": draft_meta.get("trainable_params"),
+    }
+    (out / "eval_config.json").write_text(json.dumps({**cfg, "infer": infer}, indent=2, default=str))
+    rows = []
+    for name, questions in benches.items():
+        rows += evaluate_bench(engine, target, name, questions, infer, meta, out / "answers")
+        (out / "summary.json").write_text(json.dumps(rows, indent=2))  # after each bench: partial runs keep results
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    if rows:
+        write_report(rows, out)
+        print(text_table(rows), flush=True)
+    return rows
+
+
+def evaluate_sweep(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None) -> list:
+    """Evaluate every `<run>/draft` dir under `cfg['sweep']` with one loaded target; rows get a `run` key and
+    are collected in sweep_summary.json / .csv, with each run's draft depth, fusion and parameter count."""
+    cfg = _as_dict(cfg)
+    root = Path(str(cfg["sweep"])).expanduser()
+    drafts = sorted(p for p in root.glob("*/draft") if (p / CONFIG).exists())
+    if not drafts:
+        raise FileNotFoundError(f"sweep={root}: no <run>/draft dirs with {CONFIG} under it")
+    out = Path(str(output_dir or cfg.get("output_dir") or (cfg.get("paths") or {}).get("output_dir")))
+    target, rows = load_eval_target(cfg), []
+    for d in drafts:
+        run_rows = evaluate({**cfg, "ckpt": str(d), "sweep": None}, out / d.parent.name, target)
+        rows += [{"run": d.parent.name, **r} for r in run_rows]
+    (out / "sweep_summary.json").write_text(json.dumps(rows, indent=2))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "sweep_summary.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in r.items()} for r in rows)
+    return rows

@@ -1,0 +1,271 @@
+"""The decoding engine: greedy outputs equal HF generate, with random and "cheating" drafts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import target_spec
+
+from dovetail_infer import engine
+from dovetail_infer.checkpoint import save_draft
+from dovetail_infer.engine import Dovetail, InferConfig
+from dovetail_infer.kv_cache import KVCache
+from dovetail_infer.models.draft import DraftConfig, DraftModel
+from dovetail_infer.models.target import Target, load_target
+
+CHATS = ["Hi there!", "Write a haiku about the sea.", "What is 17 * 3?"]
+_REF: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster and leaves the shared cores to others."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bf16_target() -> Target:
+    return load_target(target_spec("tiny_random", dtype="bfloat16"))
+
+
+def prompt(target: Target, i: int) -> list[int]:
+    return target.apply_chat_template([{"role": "user", "content": CHATS[i]}])
+
+
+@torch.no_grad()
+def hf_greedy(target: Target, ids: list[int], n: int) -> list[int]:
+    """HF generate's new tokens (EOS included when produced), cached per target/prompt/length."""
+    key = (id(target), tuple(ids), n)
+    if key not in _REF:
+        x = torch.tensor([ids])
+        out = target.hf_model().generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)
+        _REF[key] = out[0, len(ids) :].tolist()
+    return _REF[key]
+
+
+def random_draft(target: Target, depth: int = 1, seed: int = 0) -> DraftModel:
+    torch.manual_seed(seed)
+    return DraftModel(DraftConfig.from_target(target.config, depth=depth)).to(target.dtype)
+
+
+class CheatDraft(DraftModel):
+    """Knows the target's greedy continuation: predicts the target's true feature of the next position
+    (plus a little noise, so the right token is sometimes 2nd-4th and the accepted path branches),
+    scaled up so the draft is confident and the trees grow deep."""
+
+    def __init__(self, target: Target, ids: list[int], noise: float = 0.2, seed: int = 0, scale: float = 10.0) -> None:
+        super().__init__(DraftConfig.from_target(target.config, depth=1))
+        feats = target.model(torch.tensor([ids]))[0].float()
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("feats", scale * (feats + noise * torch.randn(feats.shape, generator=gen)))
+        self.to(target.dtype)
+
+    def forward(self, feat, emb, positions=None, mask=None, cache=None, start=0):
+        if positions is None:
+            positions = torch.arange(start, start + feat.shape[1])[None]
+        return self.feats[(positions + 1).clamp(max=len(self.feats) - 1)].to(feat.dtype)
+
+
+def compactions(monkeypatch) -> list[int]:
+    """Counts KVCache.commit calls that really move entries (the accepted path is not contiguous)."""
+    moved, commit = [], KVCache.commit
+
+    def spy(self, slots, start=None):
+        s = list(slots)
+        moved.append(int(s != list(range(s[0], s[0] + len(s))) if s else 0))
+        return commit(self, slots, start)
+
+    monkeypatch.setattr(KVCache, "commit", spy)
+    return moved
+
+
+# ---- greedy equality ------------------------------------------------------------------------------
+
+GRID = [  # budget, depth, top_k, seed
+    (1, 1, 1, 0),
+    (4, 4, 1, 1),
+    (4, 3, 2, 2),
+    (8, 6, 4, 3),
+    (8, 3, 2, 4),
+    (16, 6, 4, 5),
+    (16, 8, 2, 6),
+]
+
+
+def test_baseline_equals_hf(tiny_target):
+    eng = Dovetail(tiny_target, None, "cpu")
+    for i in range(2):
+        ids = prompt(tiny_target, i)
+        r = eng.generate_baseline(ids, InferConfig(max_new_tokens=24))
+        assert r.output_ids == hf_greedy(tiny_target, ids, 24) and r.forwards == 23
+        assert eng.generate(ids, InferConfig(max_new_tokens=24)).output_ids == r.output_ids  # draft=None
+
+
+@pytest.mark.parametrize("budget,depth,top_k,seed", GRID)
+def test_greedy_random_draft_equals_hf(tiny_target, budget, depth, top_k, seed):
+    ids = prompt(tiny_target, seed % 3)
+    eng = Dovetail(tiny_target, random_draft(tiny_target, depth=1 + seed % 2, seed=seed), "cpu")
+    r = eng.generate(ids, InferConfig(budget=budget, depth=depth, top_k=top_k, max_new_tokens=24, seed=seed))
+    assert r.output_ids == hf_greedy(tiny_target, ids, 24)
+    assert r.tau < 1.3  # an untrained draft is (almost) never right: about one token per forward
+    assert r.new_tokens == 24 and r.forwards == len(r.accept_lengths) and sum(r.accept_lengths) <= 2
+
+
+@pytest.mark.parametrize("budget,depth,top_k,seed", GRID)
+def test_greedy_cheating_draft_equals_hf(tiny_target, monkeypatch, budget, depth, top_k, seed):
+    n = 40
+    ids = prompt(tiny_target, seed % 3)
+    ref = hf_greedy(tiny_target, ids, n)
+    moved = compactions(monkeypatch)
+    eng = Dovetail(tiny_target, CheatDraft(tiny_target, ids + ref, seed=seed), "cpu")
+    r = eng.generate(ids, InferConfig(budget=budget, depth=depth, top_k=top_k, max_new_tokens=n, seed=seed))
+    assert r.output_ids == ref
+    assert r.tau > 1 + 0.4 * min(budget, depth) ** 0.5  # long paths accepted
+    assert r.accepted_per_depth[0] == sum(a > 0 for a in r.accept_lengths)
+    assert sum(r.accept_lengths) + r.forwards + 1 >= n  # every token is accounted for
+    if top_k > 1 and budget >= 4:
+        assert sum(moved) > 0  # accepted paths left the first branch: the cache really got compacted
+
+
+@pytest.mark.parametrize("budget,depth,top_k", [(8, 6, 4), (4, 4, 1), (16, 5, 2)])
+def test_greedy_bfloat16(bf16_target, budget, depth, top_k):
+    """bf16 against the bf16 HF reference (same weights, same dtype); untrained and cheating drafts."""
+    ids = prompt(bf16_target, budget % 3)
+    ref = hf_greedy(bf16_target, ids, 24)
+    base = Dovetail(bf16_target, None, "cpu").generate_baseline(ids, InferConfig(max_new_tokens=24))
+    assert base.output_ids == ref
+    cfg = InferConfig(budget=budget, depth=depth, top_k=top_k, max_new_tokens=24)
+    for draft in (random_draft(bf16_target), CheatDraft(bf16_target, ids + ref)):
+        assert Dovetail(bf16_target, draft, "cpu").generate(ids, cfg).output_ids == ref
+
+
+def test_stops_at_eos_inside_an_accepted_path(tiny_target, monkeypatch):
+    ids = prompt(tiny_target, 1)
+    ref = hf_greedy(tiny_target, ids, 32)
+    eos = ref[17]
+    monkeypatch.setattr(Target, "eos_ids", property(lambda self: [eos]))
+    eng = Dovetail(tiny_target, CheatDraft(tiny_target, ids + ref), "cpu")
+    for e in (eng, Dovetail(tiny_target, None, "cpu")):
+        r = e.generate(ids, InferConfig(budget=8, depth=8, top_k=1, max_new_tokens=32))
+        assert r.output_ids == ref[: ref.index(eos) + 1]
+
+
+# ---- the draft side: tree scratch and commits are the same as a plain causal draft forward ---------
+
+
+@torch.no_grad()
+def plain_draft_pred(eng: Dovetail, feats: torch.Tensor, next_ids: list[int]) -> torch.Tensor:
+    """The draft without cache or tree: features (T, D) paired with next tokens -> last prediction."""
+    emb = F.embedding(torch.tensor(next_ids), eng.d_embed)
+    return eng.draft(feats[None], emb[None])[0, -1]
+
+
+def test_draft_tree_and_commit_match_a_plain_forward(tiny_target, monkeypatch):
+    """Every draft distribution in every tree (built on scratch with a tree mask, after commits of
+    several accepted tokens) equals a no-cache causal draft forward over the true features so far
+    followed by the predicted features along the node's branch."""
+    ids = prompt(tiny_target, 0)
+    eng = Dovetail(tiny_target, random_draft(tiny_target, depth=2), "cpu")
+    grow, trees = eng._grow, []
+    monkeypatch.setattr(eng, "_grow", lambda *a: trees.append(grow(*a)) or trees[-1])
+
+    def accept_two(tree, logits):  # force long commits: accept the first branch up to depth 2
+        path, kids = [0], tree.children()
+        while kids[path[-1]] and len(path) < 3:
+            path.append(kids[path[-1]][0])
+        return path, int(logits[path[-1]].argmax())
+
+    monkeypatch.setattr(engine, "greedy_accept", accept_two)
+    out = eng.generate(ids, InferConfig(budget=6, depth=3, top_k=2, max_new_tokens=12)).output_ids
+    assert len(trees) == 4
+    for step, (tree, dists) in enumerate(trees):
+        seq = ids + out[: 1 + 3 * step]  # committed tokens + this tree's root
+        true = tiny_target.model(torch.tensor([seq]))[0, :-1]  # true features f_0 .. f_{root-1}
+        for node, kids in enumerate(tree.children()):
+            if not kids:
+                continue
+            branch = [node]
+            while tree.parents[branch[0]] > 0:
+                branch.insert(0, tree.parents[branch[0]])
+            feats, toks = true, seq[1:]
+            pred = plain_draft_pred(eng, feats, toks)  # the root's predicted feature
+            for b in branch if node else []:
+                feats, toks = torch.cat([feats, pred[None]]), toks + [tree.tokens[b]]
+                pred = plain_draft_pred(eng, feats, toks)
+            want = torch.log_softmax(F.linear(pred, eng.d_head).float(), -1)
+            torch.testing.assert_close(dists[tree.cand[node]], want, atol=1e-4, rtol=1e-4)
+
+
+# ---- errors, loading, stats ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["budget", "depth", "top_k", "max_new_tokens"])
+@pytest.mark.parametrize("bad", [0, -2])
+def test_config_errors_name_the_field(field, bad):
+    with pytest.raises(ValueError, match=f"InferConfig.{field} must be an integer >= 1"):
+        InferConfig(**{field: bad})
+
+
+def test_context_errors(tiny_target):
+    eng = Dovetail(tiny_target, random_draft(tiny_target), "cpu", max_len=64)
+    with pytest.raises(ValueError, match="exceed the context of 64"):
+        eng.generate(list(range(1, 50)), InferConfig(max_new_tokens=8, budget=8))
+    with pytest.raises(ValueError, match="exceed the context of 2048"):
+        Dovetail(tiny_target, None, "cpu").generate_baseline([1] * 2040, InferConfig(max_new_tokens=16))
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        eng.generate([], InferConfig())
+    with pytest.raises(ValueError, match="token ids in"):
+        eng.generate([1, 10**6], InferConfig())
+    assert eng.generate(list(range(1, 41)), InferConfig(max_new_tokens=16, budget=8)).new_tokens == 16  # fits exactly
+
+
+def test_from_pretrained_and_stats(tiny_target, tmp_path):
+    draft = random_draft(tiny_target, depth=2, seed=7)
+    save_draft(draft, tmp_path / "d", tiny_target.identity())
+    ids = prompt(tiny_target, 2)
+    eng = Dovetail.from_pretrained(tmp_path / "d", tiny_target, draft_device="cpu")
+    cfg = InferConfig(budget=8, depth=4, top_k=2, max_new_tokens=16)
+    r = eng.generate(ids, cfg)
+    assert r.output_ids == hf_greedy(tiny_target, ids, 16)
+    assert r.tau == pytest.approx(r.new_tokens / r.forwards) and r.transfer_bytes > 0
+    parts = r.draft_s + r.verify_s + r.transfer_s + r.other_s
+    assert r.prefill_s > 0 and parts == pytest.approx(r.decode_s, rel=1e-6, abs=1e-6)
+    assert r.tokens_per_s == pytest.approx(r.new_tokens / r.decode_s)
+    r2 = eng.generate(ids, cfg)  # caches are reused across calls
+    assert r2.output_ids == r.output_ids
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_hf(smollm2_target):
+    target = smollm2_target
+    ids_list = [prompt(target, i) for i in range(3)]
+    eng = Dovetail(target, random_draft(target), "cpu")
+    for ids in ids_list:
+        ref = hf_greedy(target, ids, 32)
+        r = eng.generate(ids, InferConfig(budget=8, depth=4, top_k=2, max_new_tokens=32))
+        assert r.output_ids == ref
+        assert eng.generate_baseline(ids, InferConfig(max_new_tokens=32)).output_ids == ref
+        cheat = Dovetail(target, CheatDraft(target, ids + ref), "cpu")
+        assert cheat.generate(ids, InferConfig(budget=8, depth=6, top_k=2, max_new_tokens=32)).output_ids == ref
+
+
+@pytest.mark.slow
+def test_smollm2_bfloat16_differs_only_at_near_ties():
+    """bf16 verification runs (N+1)-row matmuls, HF decodes one row: the rounding differs, so the
+    outputs may part at a near-tie. They must agree up to it, and there the two tokens' bf16 logits
+    must be within 2 bf16 steps of each other."""
+    target = load_target(target_spec("smollm2_135m", dtype="bfloat16"))
+    ids = prompt(target, 1)
+    ref = hf_greedy(target, ids, 32)
+    out = Dovetail(target, random_draft(target), "cpu").generate(ids, InferConfig(max_new_tokens=32)).output_ids
+    i = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)
+    if i is None:
+        return
+    with torch.no_grad():
+        logits = target.model.logits(target.model(torch.tensor([ids + ref[:i]])))[0, -1].float()
+    step = 2.0 ** (torch.floor(torch.log2(logits.abs().max())) - 7)  # bf16 spacing at the top logit
+    assert abs(logits[out[i]] - logits[ref[i]]) <= 2 * step
