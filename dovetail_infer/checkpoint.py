@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from dovetail_infer.models.draft import DraftConfig, DraftModel
 
 CONFIG, WEIGHTS, META = "config.json", "model.safetensors", "dovetail.json"
+COUNTS = "token_counts.safetensors"  # target-token frequencies in the training replies (reduced draft vocab)
 FORMAT_VERSION = 1
 
 
@@ -25,7 +26,11 @@ class DraftMismatchError(ValueError):
 
 
 def save_draft(
-    draft: DraftModel, out_dir: str | Path, target_identity: dict[str, Any], summary: dict[str, Any] | None = None
+    draft: DraftModel,
+    out_dir: str | Path,
+    target_identity: dict[str, Any],
+    summary: dict[str, Any] | None = None,
+    token_counts: torch.Tensor | None = None,
 ) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -34,6 +39,8 @@ def save_draft(
     save_file(sd, tmp, metadata={"format": "pt"})
     tmp.replace(out / WEIGHTS)  # atomic: a crash never leaves a half-written weights file in place
     (out / CONFIG).write_text(json.dumps(draft.config.to_dict(), indent=2))
+    if token_counts is not None:
+        save_file({"counts": token_counts.detach().to(torch.int64).cpu().contiguous()}, out / COUNTS)
     meta = {
         "format_version": FORMAT_VERSION,
         "target": target_identity,
@@ -99,3 +106,14 @@ def load_draft(
             f"missing {missing[:4]}, unexpected {unexpected[:4]}"
         )
     return draft.to(device=device, dtype=dtype).eval(), meta
+
+
+def load_token_counts(draft_dir: str | Path) -> torch.Tensor | None:
+    """Per-token counts of the target's vocabulary in the training replies, if the draft dir has them."""
+    path = Path(draft_dir) / COUNTS
+    if not path.exists():
+        return None
+    try:
+        return load_file(path)["counts"]
+    except Exception as e:
+        raise ValueError(f"{path} is not a valid safetensors file ({e})") from e

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dovetail_infer.baseline import autoregressive, finish, next_token, sync
-from dovetail_infer.checkpoint import load_draft
+from dovetail_infer.checkpoint import load_draft, load_token_counts
 from dovetail_infer.kv_cache import KVCache
 from dovetail_infer.models.draft import DraftModel
 from dovetail_infer.models.target import Target
@@ -57,7 +57,7 @@ class GenerationResult:
     output_ids: list[int]  # new tokens only, EOS included when generated
     new_tokens: int
     forwards: int  # target forwards after prefill
-    tau: float  # new_tokens / forwards
+    tau: float  # tokens made by decoding forwards / forwards (the first new token comes from prefill)
     accept_lengths: list[int] = field(default_factory=list)  # accepted draft tokens per forward
     accepted_per_depth: list[int] = field(default_factory=list)  # forwards that accepted a draft token at depth d+1
     prefill_s: float = 0.0
@@ -89,7 +89,13 @@ class Dovetail:
     """A target plus an optional draft. `generate` decodes speculatively; `generate_baseline` does not."""
 
     def __init__(
-        self, target: Target, draft: DraftModel | None, draft_device: str | None = None, max_len: int | None = None
+        self,
+        target: Target,
+        draft: DraftModel | None,
+        draft_device: str | None = None,
+        max_len: int | None = None,
+        draft_vocab: int | None = None,
+        token_counts: torch.Tensor | None = None,
     ) -> None:
         self.target = target
         self.tdev = target.device
@@ -101,15 +107,35 @@ class Dovetail:
             ddtype = next(self.draft.parameters()).dtype
             self.d_embed = target.embed.weight.detach().to(self.ddev, ddtype)
             self.d_head = target.lm_head.weight.detach().to(self.ddev, ddtype)
+            self.d2t = self._draft_vocab(draft_vocab, token_counts)
+            if self.d2t is not None:  # the draft proposes from the most frequent tokens only: a cheaper head
+                self.d_head = self.d_head[self.d2t].contiguous()
         self._tcache: KVCache | None = None
         self._dcache: KVCache | None = None
 
+    def _draft_vocab(self, size: int | None, counts: torch.Tensor | None) -> torch.Tensor | None:
+        """Ids of the `size` most frequent target tokens (EAGLE-3 style reduced draft vocabulary), or None."""
+        V = self.target.config.vocab_size
+        if size is None or size >= V:
+            return None
+        if size < 1:
+            raise ValueError(f"draft_vocab must be >= 1 (or null for the full vocabulary), got {size}")
+        if counts is None or counts.numel() != V:
+            raise ValueError(
+                f"draft_vocab={size} needs the draft dir's token counts over the target vocabulary ({V}); "
+                "this draft has none: use draft_vocab=null"
+            )
+        return counts.float().topk(size).indices.sort().values.to(self.ddev)
+
     @classmethod
-    def from_pretrained(cls, draft_dir: str | Path, target: Target, draft_device: str | None = None) -> Dovetail:
+    def from_pretrained(
+        cls, draft_dir: str | Path, target: Target, draft_device: str | None = None, draft_vocab: int | None = None
+    ) -> Dovetail:
         """Load an exported draft dir; refuses a draft trained for another target."""
         dev = draft_device or ("cuda" if torch.cuda.is_available() else "cpu")
         draft, _ = load_draft(draft_dir, target.identity(), device=dev)
-        return cls(target, draft, dev)
+        counts = load_token_counts(draft_dir) if draft_vocab else None
+        return cls(target, draft, dev, draft_vocab=draft_vocab, token_counts=counts)
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -161,7 +187,11 @@ class Dovetail:
         state = {"feats": pred[None], "vis": torch.zeros(1, 0, dtype=torch.bool, device=self.ddev)}
 
         def log_q(h: torch.Tensor) -> torch.Tensor:
-            return log_probs(F.linear(h, self.d_head), cfg.temperature, cfg.top_p)
+            logits = F.linear(h, self.d_head)
+            if self.d2t is not None:  # back to target ids; tokens outside the draft vocabulary get -inf
+                full = logits.new_full((*logits.shape[:-1], self.target.config.vocab_size), float("-inf"))
+                logits = full.index_copy_(-1, self.d2t, logits)
+            return log_probs(logits, cfg.temperature, cfg.top_p)
 
         def expand(parent_rows: list[int], tokens: list[int], depth: int) -> torch.Tensor:
             n_new, rows = len(tokens), torch.tensor(parent_rows, device=self.ddev)
@@ -254,7 +284,7 @@ class Dovetail:
             output_ids=out,
             new_tokens=len(out),
             forwards=forwards,
-            tau=len(out) / forwards if forwards else 0.0,
+            tau=(len(out) - 1) / forwards if forwards else 0.0,
             accept_lengths=accept_lengths,
             accepted_per_depth=per_depth,
             prefill_s=s["prefill"],
@@ -281,7 +311,7 @@ class Dovetail:
             output_ids=out,
             new_tokens=len(out),
             forwards=forwards,
-            tau=len(out) / forwards if forwards else 0.0,
+            tau=(len(out) - 1) / forwards if forwards else 0.0,
             accept_lengths=[0] * forwards,
             prefill_s=prefill_s,
             decode_s=decode_s,

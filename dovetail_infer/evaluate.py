@@ -10,7 +10,6 @@ and counted (`n_skipped`), together with the later turns of their conversation.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -24,7 +23,15 @@ from dovetail_infer.bench import bench_names, conversation, load_bench
 from dovetail_infer.checkpoint import CONFIG, read_meta
 from dovetail_infer.engine import Dovetail, InferConfig
 from dovetail_infer.models.target import Target, load_target
-from dovetail_infer.report import summarize, text_table, write_report
+from dovetail_infer.report import (
+    run_summary,
+    summarize,
+    sweep_table,
+    text_table,
+    varying_config,
+    write_report,
+    write_sweep_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,7 @@ INFER_DEFAULTS: dict[str, Any] = {
     "budgets": None,
     "depth": 6,
     "top_k": 4,
+    "draft_vocab": None,
     "temperature": 0.0,
     "top_p": 1.0,
     "max_new_tokens": 128,
@@ -188,7 +196,7 @@ def evaluate_bench(engine, target: Target, name: str, questions: list, infer: di
         row.update(summarize(records, baseline, int(infer["depth"])))
         row["peak_draft_mem_mb"] = torch.cuda.max_memory_allocated(meta["draft_device"]) / 2**20 if cuda else None
         row["peak_rss_mb"] = peak_rss_mb()
-        row.update({k: infer[k] for k in ("depth", "top_k", "temperature", "top_p", "max_new_tokens")})
+        row.update({k: infer[k] for k in ("depth", "top_k", "draft_vocab", "temperature", "top_p", "max_new_tokens")})
         row.update({k: v for k, v in meta.items() if k != "seed"})
         rows.append(row)
     bar.close()
@@ -240,7 +248,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     torch.manual_seed(seed)
     target = target or load_eval_target(cfg)
     draft_device = resolve_device(infer["draft_device"])
-    engine = Dovetail.from_pretrained(str(ckpt), target, draft_device=draft_device)
+    engine = Dovetail.from_pretrained(str(ckpt), target, draft_device=draft_device, draft_vocab=infer["draft_vocab"])
     meta = {
         "seed": seed,
         "draft_device": draft_device,
@@ -264,23 +272,38 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     return rows
 
 
+def _run_key(draft_dir: Path) -> tuple[int, int | str]:
+    """Hydra job dirs 0, 1, ..., 10 in numeric order; other names after them, alphabetically."""
+    name = draft_dir.parent.name
+    return (0, int(name)) if name.isdigit() else (1, name)
+
+
 def evaluate_sweep(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None) -> list:
-    """Evaluate every `<run>/draft` dir under `cfg['sweep']` with one loaded target; rows get a `run` key and
-    are collected in sweep_summary.json / .csv, with each run's draft depth, fusion and parameter count."""
+    """Evaluate every `<run>/draft` dir under `cfg['sweep']` with one loaded target; returns the rows.
+
+    Each row is one run x bench x budget: the run's training facts from its dovetail.json (draft layers,
+    fusion, trainable parameters, training time and steps, the training-time `val/sim_tau` as `sim_tau`),
+    the config keys that differ between runs (e.g. `optim.lr`), then the measured metrics (tau, tokens/s,
+    speedup, acceptance by draft position). Collected in sweep_summary.json / .csv / .md in the output dir;
+    each run's own report goes to `<output dir>/<run>/`.
+    """
     cfg = _as_dict(cfg)
     root = Path(str(cfg["sweep"])).expanduser()
-    drafts = sorted(p for p in root.glob("*/draft") if (p / CONFIG).exists())
+    drafts = sorted((p for p in root.glob("*/draft") if (p / CONFIG).exists()), key=_run_key)
     if not drafts:
         raise FileNotFoundError(f"sweep={root}: no <run>/draft dirs with {CONFIG} under it")
-    out = Path(str(output_dir or cfg.get("output_dir") or (cfg.get("paths") or {}).get("output_dir")))
+    out_dir = output_dir or cfg.get("output_dir") or (cfg.get("paths") or {}).get("output_dir")
+    if _missing(out_dir):
+        raise ValueError("no output dir: pass output_dir= (the Hydra entry uses the run's output dir)")
+    out = Path(str(out_dir))
+    metas = {d.parent.name: read_meta(d) for d in drafts}
+    swept = varying_config(metas)
     target, rows = load_eval_target(cfg), []
     for d in drafts:
-        run_rows = evaluate({**cfg, "ckpt": str(d), "sweep": None}, out / d.parent.name, target)
-        rows += [{"run": d.parent.name, **r} for r in run_rows]
-    (out / "sweep_summary.json").write_text(json.dumps(rows, indent=2))
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "sweep_summary.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in r.items()} for r in rows)
+        run = d.parent.name
+        run_rows = evaluate({**cfg, "ckpt": str(d), "sweep": None}, out / run, target)
+        rows += [{"run": run, **r, **run_summary(metas[run]), **swept[run]} for r in run_rows]
+        write_sweep_report(rows, out)  # after each run: an interrupted sweep keeps what it measured
+    write_sweep_report(rows, out)
+    print(sweep_table(rows), flush=True)
     return rows

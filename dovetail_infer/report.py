@@ -16,6 +16,7 @@ def _mean(values: list[Any]) -> float | None:
 def summarize(records: list[dict[str, Any]], baseline: list[dict[str, Any]], depth: int) -> dict[str, Any]:
     """Aggregate one bench x budget: tau, tokens/s (per prompt, averaged), speedup, acceptance, time shares."""
     new, fwd = sum(r["new_tokens"] for r in records), sum(r["forwards"] for r in records)
+    decoded = sum(r["new_tokens"] - 1 for r in records if r["forwards"])  # the first new token is prefill's
     accepts = [a for r in records for a in r["accept_lengths"]]
     hist = [0] * (max([depth, *accepts]) + 1)
     for a in accepts:
@@ -28,7 +29,7 @@ def summarize(records: list[dict[str, Any]], baseline: list[dict[str, Any]], dep
     tps, base_tps = _mean([r["tokens_per_s"] for r in records]), _mean([r["tokens_per_s"] for r in baseline])
     row = {
         "n_prompts": len(records),
-        "tau": new / fwd if fwd else None,
+        "tau": decoded / fwd if fwd else None,
         "tokens_per_s": tps,
         "tokens_per_s_median": statistics.median(t)
         if (t := [r["tokens_per_s"] for r in records if r["tokens_per_s"]])
@@ -142,3 +143,83 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
         plot_vs_budget(rows, "tau", out / "tau_vs_budget.png", "τ (mean accepted length)"),
         plot_vs_budget(rows, "tokens_per_s", out / "tokens_per_s_vs_budget.png", "tokens/s", "baseline_tokens_per_s"),
     ]
+
+
+# --- sweeps: one row per run x bench x budget -------------------------------------------------------------------
+# Leading columns of sweep_summary.csv: the run, what it was trained as, then the measured metrics.
+SWEEP_FIRST = [
+    "run", "bench", "budget", "draft_layers", "fusion", "draft_params", "train_seconds", "train_steps",
+    "sim_tau", "tau", "tokens_per_s", "baseline_tokens_per_s", "speedup", "matches_baseline",
+]  # fmt: skip
+SWEEP_COLUMNS = [
+    ("run", "run", "{}"),
+    ("draft_layers", "layers", "{}"),
+    ("fusion", "fusion", "{}"),
+    ("draft_params", "params", "{:,}"),
+    ("train_seconds", "train s", "{:.0f}"),
+    ("bench", "bench", "{}"),
+    ("budget", "budget", "{}"),
+    ("sim_tau", "val sim_tau", "{:.2f}"),
+    ("tau", "tau", "{:.2f}"),
+    ("tokens_per_s", "tok/s", "{:.1f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+]
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def run_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """Training facts of one exported draft (its dovetail.json): time, steps and validation metrics, where the
+    training-time `val/sim_tau` becomes `sim_tau` so it sits beside the measured `tau`."""
+    summary = meta.get("summary") or {}
+    metrics = summary.get("metrics") or {}
+    return {
+        "train_seconds": summary.get("train_seconds"),
+        "train_steps": summary.get("global_step"),
+        "sim_tau": metrics.get("val/sim_tau"),
+        "val_top1_acc": metrics.get("val/top1_acc"),
+        "val_loss": metrics.get("val/loss"),
+    }
+
+
+def varying_config(metas: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per run, the flattened training-config keys (e.g. `optim.lr`) whose values differ between the runs:
+    the swept parameters, without the keys every run shares."""
+    flat = {run: _flatten((m.get("summary") or {}).get("config") or {}) for run, m in metas.items()}
+    keys = list(dict.fromkeys(k for f in flat.values() for k in f))
+    varying = [k for k in keys if len({repr(f.get(k)) for f in flat.values()}) > 1 and not k.startswith("hydra")]
+    return {run: {k: f.get(k) for k in varying} for run, f in flat.items()}
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of a sweep: one line per run x bench x budget."""
+    header = [h for _, h, _ in SWEEP_COLUMNS]
+    body = [[_cell(r, k, f) for k, _, f in SWEEP_COLUMNS] for r in rows]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def write_sweep_report(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """sweep_summary.json (full rows), sweep_summary.csv (lists as JSON strings) and sweep_summary.md."""
+    import csv
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "sweep_summary.json", out / "sweep_summary.csv", out / "sweep_summary.md"]
+    paths[0].write_text(json.dumps(rows, indent=2))
+    seen = list(dict.fromkeys(k for r in rows for k in r))
+    keys = [k for k in SWEEP_FIRST if k in seen] + [k for k in seen if k not in SWEEP_FIRST]
+    with open(paths[1], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in r.items()} for r in rows)
+    paths[2].write_text("# Dovetail sweep\n\n" + sweep_table(rows) + "\n")
+    return paths

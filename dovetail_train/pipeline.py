@@ -77,6 +77,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
         sim_tau_steps=cfg.sim_tau_steps,
         target_model=target.model if online else None,
+        seed=cfg.seed,
     )
     n_params = module.draft.num_trainable()
     log.info(
@@ -100,7 +101,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "data": datamodule.summary,
             "config": OmegaConf.to_container(cfg, resolve=False),
         }
-        draft_dir = save_draft(module.draft, out_dir / "draft", target.identity(), summary)
+        draft_dir = save_draft(
+            module.draft, out_dir / "draft", target.identity(), summary, token_counts=datamodule.token_counts
+        )
         log.info("exported draft to %s", draft_dir)
     metrics["trainable_params"] = n_params
     objects = {"target": target, "module": module, "trainer": trainer, "datamodule": datamodule, "draft_dir": draft_dir}

@@ -231,7 +231,7 @@ def test_from_pretrained_and_stats(tiny_target, tmp_path):
     cfg = InferConfig(budget=8, depth=4, top_k=2, max_new_tokens=16)
     r = eng.generate(ids, cfg)
     assert r.output_ids == hf_greedy(tiny_target, ids, 16)
-    assert r.tau == pytest.approx(r.new_tokens / r.forwards) and r.transfer_bytes > 0
+    assert r.tau == pytest.approx((r.new_tokens - 1) / r.forwards) and r.transfer_bytes > 0
     parts = r.draft_s + r.verify_s + r.transfer_s + r.other_s
     assert r.prefill_s > 0 and parts == pytest.approx(r.decode_s, rel=1e-6, abs=1e-6)
     assert r.tokens_per_s == pytest.approx(r.new_tokens / r.decode_s)
@@ -269,3 +269,20 @@ def test_smollm2_bfloat16_differs_only_at_near_ties():
         logits = target.model.logits(target.model(torch.tensor([ids + ref[:i]])))[0, -1].float()
     step = 2.0 ** (torch.floor(torch.log2(logits.abs().max())) - 7)  # bf16 spacing at the top logit
     assert abs(logits[out[i]] - logits[ref[i]]) <= 2 * step
+
+
+def test_reduced_draft_vocab_stays_lossless_and_proposes_only_frequent_tokens(tiny_target, tmp_path):
+    n, ids = 32, prompt(tiny_target, 1)
+    ref = hf_greedy(tiny_target, ids, n)
+    counts = torch.zeros(tiny_target.config.vocab_size, dtype=torch.long)
+    counts[ref[: n // 2]] = 5  # the first half of the continuation is "frequent"; the rest is not
+    draft = CheatDraft(tiny_target, ids + ref, noise=0.0)
+    eng = Dovetail(tiny_target, draft, "cpu", draft_vocab=64, token_counts=counts)
+    assert eng.d_head.shape[0] == 64 and set(ref[: n // 2]) <= set(eng.d2t.tolist())
+    r = eng.generate(ids, InferConfig(budget=4, depth=4, top_k=1, max_new_tokens=n))
+    assert r.output_ids == ref
+    full = Dovetail(tiny_target, draft, "cpu").generate(ids, InferConfig(budget=4, depth=4, top_k=1, max_new_tokens=n))
+    assert r.tau > 1.5 and full.tau >= r.tau  # rare tokens can no longer be proposed
+    save_draft(random_draft(tiny_target), tmp_path / "d", tiny_target.identity())
+    with pytest.raises(ValueError, match="token counts"):
+        Dovetail.from_pretrained(tmp_path / "d", tiny_target, "cpu", draft_vocab=64)

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dovetail_infer.models.target import Target
 from dovetail_train.data.conversations import load_conversations
@@ -43,6 +43,53 @@ class Subset(Dataset):
 
     def __getitem__(self, i: int):
         return self.base[self.indices[i]]
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffles by (seed, epoch) like DistributedSampler (rank-sharded under DDP, so Lightning keeps it as is);
+    `skip` drops the first examples of one epoch's order: the ones trained on before a mid-epoch resume."""
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip: dict[int, int] = {}  # epoch -> examples of this rank's order to skip once
+
+    def __iter__(self):
+        order = list(super().__iter__())
+        return iter(order[self.skip.pop(self.epoch, 0) :])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position in the epoch goes into Lightning checkpoints.
+
+    Lightning saves `state_dict()` of a loader that has one and calls `load_state_dict()` on resume, so a
+    run killed mid-epoch continues with the very next batch of the same shuffled order.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, ResumableSampler):
+            raise TypeError("ResumableLoader needs a ResumableSampler")
+        self._epoch, self._batches = 0, 0
+
+    def __iter__(self):  # a generator: the sampler's epoch is read at the first batch, after set_epoch
+        sampler: ResumableSampler = self.sampler
+        self._epoch = sampler.epoch
+        self._batches = sampler.skip.get(sampler.epoch, 0) // self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._batches, "batch_size": int(self.batch_size)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["batch_size"] != self.batch_size:
+            raise ValueError(
+                f"the checkpoint was trained with data.batch_size={state['batch_size']}, now {self.batch_size}: "
+                "resume with the same batch size"
+            )
+        if 0 < state["batches"] < len(self):  # a finished epoch needs no skipping
+            self.sampler.skip = {state["epoch"]: state["batches"] * self.batch_size}
 
 
 def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -92,6 +139,7 @@ class DistillDataModule(L.LightningDataModule):
         for k in ("self", "target", "__class__"):
             self.cfg.pop(k, None)
         self.summary: dict[str, Any] = {}
+        self.token_counts: torch.Tensor | None = None
         self._dataset: Dataset | None = None
 
     def _examples(self) -> list[dict[str, list[int]]]:
@@ -116,6 +164,11 @@ class DistillDataModule(L.LightningDataModule):
             raise ValueError(f"{path}: no conversation has assistant tokens within data.max_length={c['max_length']}")
         self.summary.update(examples=len(examples), tokens=sum(len(e["input_ids"]) for e in examples))
         self.summary["assistant_tokens"] = sum(sum(e["loss_mask"]) for e in examples)
+        # how often the target writes each token: a reduced draft vocabulary keeps the most frequent ones
+        assistant = [t for e in examples for t, m in zip(e["input_ids"], e["loss_mask"]) if m]
+        self.token_counts = torch.bincount(
+            torch.tensor(assistant, dtype=torch.long), minlength=self.target.config.vocab_size
+        )
         log.info(
             "data: %d examples, %d tokens (%d assistant)",
             len(examples),
@@ -165,6 +218,8 @@ class DistillDataModule(L.LightningDataModule):
         self.summary.update(train_examples=len(self.train_set), val_examples=len(self.val_set))
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         return DataLoader(
             self.train_set,
             batch_size=self.cfg["batch_size"],
