@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dovetail_infer.autotune import CANDIDATES, autotune
 from dovetail_infer.bench import bench_names, conversation, load_bench
 from dovetail_infer.checkpoint import CONFIG, read_meta
 from dovetail_infer.engine import Dovetail, InferConfig
 from dovetail_infer.models.target import Target, load_target
+from dovetail_infer.outdir import check_output_dir
 from dovetail_infer.report import (
     run_summary,
     summarize,
@@ -78,10 +80,15 @@ def peak_rss_mb() -> float:
         return psutil.Process().memory_info().peak_wset / 2**20
 
 
+def _numeric(budget: int | str) -> int:
+    """The largest budget a setting may use (`auto` chooses among autotune's candidates)."""
+    return max(c[0] for c in CANDIDATES) if budget == "auto" else int(budget)
+
+
 def _infer_config(infer: dict[str, Any], budget: int, seed: int, **overrides: Any) -> InferConfig:
     names = {f.name for f in dataclasses.fields(InferConfig)}
     values = {k: v for k, v in infer.items() if k in names}
-    return InferConfig(**{**values, "budget": int(budget), "seed": seed, **overrides})
+    return InferConfig(**{**values, "budget": _numeric(budget), "seed": seed, **overrides})
 
 
 def _record(prompt: dict[str, Any], res: Any, tokenizer: Any) -> dict[str, Any]:
@@ -159,7 +166,7 @@ def evaluate_bench(engine, target: Target, name: str, questions: list, infer: di
     context = min(
         x for x in (infer["max_len"], getattr(engine, "max_len", None), target.config.max_position_embeddings) if x
     )
-    limit_len = int(context) - int(infer["max_new_tokens"]) - max(budgets) - 1
+    limit_len = int(context) - int(infer["max_new_tokens"]) - max(_numeric(b) for b in budgets) - 1
     prompts, skipped = _prompts(target, questions, name, limit_len)
     if not prompts:
         log.warning("bench %s: no prompt fits the context of %d tokens; nothing to evaluate", name, context)
@@ -176,7 +183,13 @@ def evaluate_bench(engine, target: Target, name: str, questions: list, infer: di
     rows = []
     for budget in budgets:
         bar.set_postfix_str(f"budget {budget}")
-        cfg = _infer_config(infer, budget, seed)
+        auto: dict[str, Any] = {}
+        if budget == "auto":  # profile candidate shapes on this bench's first prompts, on these devices
+            calib = [p["prompt_ids"] for p in prompts[:2]]
+            cfg, profile = autotune(engine, calib, _infer_config(infer, infer["budget"], seed))
+            auto = {"auto_choice": {k: getattr(cfg, k) for k in ("budget", "depth", "top_k")}, "auto_profile": profile}
+        else:
+            cfg = _infer_config(infer, budget, seed)
         for _ in range(int(infer["warmup"])):
             engine.generate(
                 prompts[0]["prompt_ids"], dataclasses.replace(cfg, max_new_tokens=min(8, cfg.max_new_tokens))
@@ -192,11 +205,12 @@ def evaluate_bench(engine, target: Target, name: str, questions: list, infer: di
                 records.append(rec)
                 f.write(json.dumps(rec) + "\n")
                 bar.update(1)
-        row = {"bench": name, "budget": int(budget), "n_questions": len(questions), "n_skipped": skipped + more}
-        row.update(summarize(records, baseline, int(infer["depth"])))
+        row = {"bench": name, "budget": budget, "n_questions": len(questions), "n_skipped": skipped + more}
+        row.update(summarize(records, baseline, int(cfg.depth)))
         row["peak_draft_mem_mb"] = torch.cuda.max_memory_allocated(meta["draft_device"]) / 2**20 if cuda else None
         row["peak_rss_mb"] = peak_rss_mb()
-        row.update({k: infer[k] for k in ("depth", "top_k", "draft_vocab", "temperature", "top_p", "max_new_tokens")})
+        row.update({k: getattr(cfg, k) for k in ("depth", "top_k", "temperature", "top_p", "max_new_tokens")})
+        row.update(draft_vocab=infer["draft_vocab"], **auto)
         row.update({k: v for k, v in meta.items() if k != "seed"})
         rows.append(row)
     bar.close()
@@ -235,10 +249,15 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     out_dir = output_dir or cfg.get("output_dir") or (cfg.get("paths") or {}).get("output_dir")
     if _missing(out_dir):
         raise ValueError("no output dir: pass output_dir= (the Hydra entry uses the run's output dir)")
-    out = Path(str(out_dir))
+    out = check_output_dir(str(out_dir))
     (out / "answers").mkdir(parents=True, exist_ok=True)
     infer = {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
-    infer["budgets"] = [int(b) for b in (infer["budgets"] or [infer["budget"]])]
+    unknown = sorted(set(infer) - set(INFER_DEFAULTS) - {f.name for f in dataclasses.fields(InferConfig)})
+    if unknown:
+        raise ValueError(f"unknown infer keys {unknown}; known: {sorted(INFER_DEFAULTS)}")
+    infer["budgets"] = [b if b == "auto" else int(b) for b in (infer["budgets"] or [infer["budget"]])]
+    for b in infer["budgets"]:  # budget / depth / top_k <= 0 fail here, before any model is loaded
+        _infer_config(infer, 1 if b == "auto" else b, 0)
     bench_cfg = cfg.get("bench") or {"name": "humaneval_pkg"}
     benches = {
         n: load_bench(n, bench_cfg.get("root"), bench_cfg.get("path"), bench_cfg.get("limit"))

@@ -114,13 +114,17 @@ def plot_vs_budget(
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for bench in dict.fromkeys(r["bench"] for r in rows):
-        pts = sorted((r["budget"], r[key]) for r in rows if r["bench"] == bench and r.get(key) is not None)
+        pts = sorted(
+            (r["budget"], r[key])
+            for r in rows
+            if r["bench"] == bench and r.get(key) is not None and isinstance(r["budget"], int)  # not "auto"
+        )
         if pts:
             (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=bench)
             ref = next((r[ref_key] for r in rows if r["bench"] == bench and r.get(ref_key) is not None), None)
             if ref_key and ref is not None:
                 ax.axhline(ref, color=line.get_color(), linestyle="--", linewidth=1, label=f"{bench} baseline")
-    budgets = sorted({r["budget"] for r in rows})
+    budgets = sorted({r["budget"] for r in rows if isinstance(r["budget"], int)})
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("draft-token budget")
