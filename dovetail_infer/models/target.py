@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dovetail_infer.models.llama import LlamaConfig, LlamaModel
+from dovetail_infer.models.llama import LlamaConfig, LlamaModel, unfuse_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,8 @@ class Target:
             )
             with torch.device("meta"):
                 hf = LlamaForCausalLM(hf_cfg)
-            sd = {f"model.{k}": v for k, v in self.model.state_dict().items() if k != "lm_head.weight"}
+            ours = unfuse_state_dict(self.model.state_dict(), c)
+            sd = {f"model.{k}": v for k, v in ours.items() if k != "lm_head.weight"}
             if not c.tie_word_embeddings:
                 sd["lm_head.weight"] = self.model.lm_head.weight
             hf.load_state_dict(sd, strict=False, assign=True)

@@ -1,0 +1,190 @@
+"""Decoding speed, side by side in one run: HF generate (fp32, bf16), HF prompt lookup, llama.cpp,
+our target-only decoding, an EAGLE-1 draft and the Dovetail draft at several budgets and `auto`.
+
+    python benchmarks/speed.py --dovetail DRAFT_DIR [--eagle DRAFT_DIR] [--per-bench 1] [--runs 3]
+
+Prompts: the first questions of the six bench sets (../shared/data/bench), greedy, decoding only
+(prefill timed separately and excluded). Each configuration's tokens/s is the mean over prompts; the
+reported number is the median of `--runs` passes, configurations interleaved within each pass so
+machine noise hits all of them alike. Greedy outputs are compared with our own target-only decoding
+in the same dtype. Writes benchmarks/results/speed.json and speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from dovetail_infer.autotune import autotune
+from dovetail_infer.bench import KNOWN_BENCHES, conversation, load_bench
+from dovetail_infer.engine import Dovetail, InferConfig
+from dovetail_infer.models.target import Target, load_target, locate_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+Runner = Callable[[list[int]], tuple[list[int], float]]  # prompt ids -> (new ids, decoding seconds)
+
+
+def target_for(name: str, dtype: str) -> Target:
+    spec = yaml.safe_load((ROOT / "conf" / "target" / f"{name}.yaml").read_text())
+    spec.update(cache_dir=str(ROOT / "data" / "cache"), dtype=dtype)
+    return load_target(spec)
+
+
+def hf_runner(target: Target, n: int, **gen_kwargs) -> Runner:
+    hf = target.hf_model()
+
+    def run(ids: list[int]) -> tuple[list[int], float]:
+        x = torch.tensor([ids])
+        kw = dict(attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=target.eos_ids[0], **gen_kwargs)
+        t0 = time.perf_counter()
+        hf.generate(x, max_new_tokens=1, **kw)  # prefill + first token, subtracted below
+        t1 = time.perf_counter()
+        out = hf.generate(x, max_new_tokens=n, **kw)[0, len(ids) :].tolist()
+        t2 = time.perf_counter()
+        return out, max(t2 - t1 - (t1 - t0), 1e-9)
+
+    return run
+
+
+def engine_runner(engine: Dovetail, cfg: InferConfig, baseline: bool = False) -> Runner:
+    def run(ids: list[int]) -> tuple[list[int], float]:
+        r = engine.generate_baseline(ids, cfg) if baseline else engine.generate(ids, cfg)
+        return r.output_ids, r.decode_s
+
+    return run
+
+
+def llamacpp_runner(gguf: Path, n: int, threads: int) -> Runner | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
+
+    def run(ids: list[int]) -> tuple[list[int], float]:
+        llm.reset()
+        out, t0 = [], None
+        for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            if t0 is None:
+                t0 = time.perf_counter()  # the first token comes after prefill
+            out.append(int(tok))
+            if tok == llm.token_eos() or len(out) >= n:
+                break
+        return out, max(time.perf_counter() - (t0 or time.perf_counter()), 1e-9)
+
+    return run
+
+
+def bench_prompts(target: Target, per_bench: int, root: Path) -> list[list[int]]:
+    prompts = []
+    for name in KNOWN_BENCHES:
+        if name in ("custom", "humaneval_pkg"):
+            continue
+        for q in load_bench(name, str(root), None, per_bench):
+            prompts.append(target.apply_chat_template(conversation(q, [], 0)))
+    return prompts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dovetail", required=True, help="exported Dovetail draft dir")
+    ap.add_argument("--eagle", help="exported EAGLE-1 (concat, depth 1) draft dir")
+    ap.add_argument("--target", default="smollm2_135m")
+    ap.add_argument("--bench-root", default=str(ROOT.parent / "shared" / "data" / "bench"))
+    ap.add_argument("--per-bench", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--draft-vocab", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--skip-hf-fp32", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    n = args.max_new_tokens
+    bf16 = target_for(args.target, "bfloat16")
+    prompts = bench_prompts(bf16, args.per_bench, Path(args.bench_root))
+    ours = Dovetail(bf16, None, "cpu")
+    base_cfg = InferConfig(max_new_tokens=n, depth=6, top_k=4)
+    runners: dict[str, Runner] = {"ours target-only bf16": engine_runner(ours, base_cfg, baseline=True)}
+    runners["HF generate bf16"] = hf_runner(bf16, n)
+    runners["HF prompt lookup bf16"] = hf_runner(bf16, n, prompt_lookup_num_tokens=10)
+    if not args.skip_hf_fp32:
+        runners["HF generate fp32"] = hf_runner(target_for(args.target, "float32"), n)
+    notes = {}
+    try:
+        lc = llamacpp_runner(locate_gguf(bf16.spec), n, args.threads)
+    except FileNotFoundError:
+        lc = None
+    if lc is None:
+        notes["llama.cpp"] = "skipped: llama-cpp-python is not installed (pip install -e .[llamacpp])"
+    else:
+        runners["llama.cpp Q4_1"] = lc
+    drafts = {"dovetail": args.dovetail, **({"eagle": args.eagle} if args.eagle else {})}
+    engines = {k: Dovetail.from_pretrained(v, bf16, "cpu", draft_vocab=args.draft_vocab) for k, v in drafts.items()}
+    for name, eng in engines.items():
+        shapes = [(b, b, 1) for b in args.budgets] + [(8, 6, 4)]
+        for b, d, k in shapes:
+            cfg = InferConfig(budget=b, depth=d, top_k=k, max_new_tokens=n)
+            runners[f"{name} b{b} d{d} k{k}"] = engine_runner(eng, cfg)
+    auto_cfg, profile = autotune(engines["dovetail"], prompts[:2], InferConfig(max_new_tokens=n))
+    runners["dovetail auto"] = engine_runner(engines["dovetail"], auto_cfg)
+    for run in runners.values():  # warm-up
+        run(prompts[0][:64] if len(prompts[0]) > 64 else prompts[0])
+    passes: dict[str, list[float]] = {k: [] for k in runners}
+    outputs: dict[str, list[list[int]]] = {}
+    for _ in range(args.runs):
+        for name, run in runners.items():
+            res = [run(p) for p in prompts]
+            outputs[name] = [o for o, _ in res]
+            passes[name].append(statistics.mean(len(o) / s for o, s in res))
+    ref = outputs["ours target-only bf16"]
+    rows = []
+    for name in runners:
+        tps = statistics.median(passes[name])
+        same = None if "fp32" in name or "llama.cpp" in name else sum(a == b for a, b in zip(outputs[name], ref))
+        rows.append(
+            {
+                "config": name,
+                "tokens_per_s": round(tps, 2),
+                "runs": [round(x, 2) for x in passes[name]],
+                "greedy_equal": same,
+            }
+        )
+    base = next(r["tokens_per_s"] for r in rows if r["config"] == "ours target-only bf16")
+    lcpp = next((r["tokens_per_s"] for r in rows if r["config"].startswith("llama.cpp")), None)
+    for r in rows:
+        r["vs_ours_target_only"] = round(r["tokens_per_s"] / base, 3)
+        r["vs_llama_cpp"] = round(r["tokens_per_s"] / lcpp, 3) if lcpp else None
+    result = {
+        "target": args.target,
+        "prompts": len(prompts),
+        "max_new_tokens": n,
+        "threads": args.threads,
+        "runs": args.runs,
+        "draft_vocab": args.draft_vocab,
+        "auto_choice": {"budget": auto_cfg.budget, "depth": auto_cfg.depth, "top_k": auto_cfg.top_k},
+        "auto_profile": profile,
+        "notes": notes,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = ["| config | tokens/s | × ours target-only | × llama.cpp | greedy = ours |", "|---|---|---|---|---|"]
+    for r in rows:
+        vs_lc = "–" if r["vs_llama_cpp"] is None else f"{r['vs_llama_cpp']:.2f}"
+        eq = "–" if r["greedy_equal"] is None else f"{r['greedy_equal']}/{len(prompts)}"
+        lines.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['vs_ours_target_only']:.2f} | {vs_lc} | {eq} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n" + "".join(f"\n{k}: {v}" for k, v in notes.items()) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
