@@ -64,7 +64,7 @@ def check_compatible(
     """Raise DraftMismatchError naming both sides when the draft does not fit the target."""
     trained = meta.get("target", {})
     problems = []
-    for key in ("hidden_size", "vocab_size", "template_hash"):
+    for key in ("source_id", "n_layers", "hidden_size", "vocab_size", "template_hash"):
         if key in trained and key in target_identity and trained[key] != target_identity[key]:
             problems.append(f"{key}: draft {trained[key]!r} vs target {target_identity[key]!r}")
     if config.hidden_size != target_identity.get("hidden_size", config.hidden_size):
@@ -90,7 +90,12 @@ def load_draft(
     for name in (CONFIG, WEIGHTS, META):
         if not (d / name).exists():
             raise FileNotFoundError(f"{d} is not a Dovetail draft dir: {name} is missing")
-    config = DraftConfig.from_dict(json.loads((d / CONFIG).read_text()))
+        if (d / name).is_symlink() or not (d / name).is_file():
+            raise ValueError(f"{d / name} must be a regular file (not a symlink or folder): copy the real file there")
+    try:
+        config = DraftConfig.from_dict(json.loads((d / CONFIG).read_text()))
+    except (ValueError, TypeError) as e:  # bad JSON, unknown or missing keys, bad values
+        raise ValueError(f"{d / CONFIG}: not a valid draft config ({e})") from e
     meta = read_meta(d)
     if target_identity is not None:
         check_compatible(meta, config, target_identity, where=str(d))

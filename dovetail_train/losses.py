@@ -15,11 +15,12 @@ def shift_batch(input_ids: torch.Tensor, hidden: torch.Tensor, loss_mask: torch.
     return hidden[:, :-1], input_ids[:, 1:], hidden[:, 1:], loss_mask[:, 1:].float()
 
 
-def uniform_noise(feat: torch.Tensor, std: float) -> torch.Tensor:
+def uniform_noise(feat: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform noise of width `std` (U(-std/2, std/2)) on the input features, as in EAGLE's training."""
     if std <= 0:
         return feat
-    return feat + (torch.rand_like(feat) - 0.5) * std
+    noise = torch.rand(feat.shape, generator=generator, device=feat.device, dtype=feat.dtype)
+    return feat + (noise - 0.5) * std
 
 
 def distill_losses(

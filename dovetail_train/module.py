@@ -28,6 +28,7 @@ class DistillModule(L.LightningModule):
         loss: dict[str, Any] | None = None,
         sim_tau_steps: int = 5,
         target_model: torch.nn.Module | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters({"draft": draft_config.to_dict(), "optim": optim, "loss": loss})
@@ -40,6 +41,7 @@ class DistillModule(L.LightningModule):
         self.loss_cfg = {"w_feat": 1.0, "w_tok": 0.1, "noise_std": 0.2}
         self.loss_cfg.update(loss or {})
         self.sim_tau_steps = sim_tau_steps
+        self.seed = int(seed)
         self._target = [target_model] if target_model is not None else []  # a list: not a submodule
 
     @property
@@ -56,12 +58,17 @@ class DistillModule(L.LightningModule):
         with torch.no_grad():  # online: the target computes the features inside the step
             return self._target[0](batch["input_ids"])
 
-    def _step(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
+    def _noise_generator(self, batch_idx: int) -> torch.Generator:
+        """Noise seeded by (seed, epoch, batch, rank): a resumed run draws the same noise as an uninterrupted one."""
+        key = ((self.seed * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx) * 1024 + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(key % 2**63)
+
+    def _step(self, batch: dict[str, torch.Tensor], split: str, batch_idx: int = 0) -> dict[str, torch.Tensor]:
         dtype = self.embed_weight.dtype
         hidden = self._features(batch).to(dtype)
         feat_in, tok_in, feat_tgt, mask = shift_batch(batch["input_ids"], hidden, batch["loss_mask"])
         if split == "train":
-            feat_in = uniform_noise(feat_in, self.loss_cfg["noise_std"])
+            feat_in = uniform_noise(feat_in, self.loss_cfg["noise_std"], self._noise_generator(batch_idx))
         emb = torch.nn.functional.embedding(tok_in, self.embed_weight)
         pred = self.draft(feat_in, emb)
         out = distill_losses(pred, feat_tgt, mask, self.head, self.loss_cfg["w_feat"], self.loss_cfg["w_tok"])
@@ -76,7 +83,7 @@ class DistillModule(L.LightningModule):
         return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")["loss"]
+        return self._step(batch, "train", batch_idx)["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,26 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from dovetail_infer.checkpoint import save_draft
 from dovetail_infer.models.draft import DraftConfig
 from dovetail_infer.models.target import load_target
+from dovetail_infer.outdir import check_output_dir
 from dovetail_train.data.datamodule import DistillDataModule
 from dovetail_train.module import DistillModule
 
 log = logging.getLogger(__name__)
-
-
-def check_output_dir(path: str | Path, min_free_bytes: int = 200 << 20) -> Path:
-    """Fail before long work starts when the output dir is unwritable or the disk is (nearly) full."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"output dir {out} is not writable ({e}); set hydra.run.dir or paths.log_dir") from e
-    free = shutil.disk_usage(out).free
-    if free < min_free_bytes:
-        raise OSError(f"only {free >> 20} MiB free at {out}; Dovetail needs at least {min_free_bytes >> 20} MiB")
-    return out
 
 
 def _instantiate_all(node: DictConfig | None) -> list[Any]:

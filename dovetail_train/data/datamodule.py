@@ -220,10 +220,10 @@ class DistillDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return DataLoader(
+        return ResumableLoader(
             self.train_set,
             batch_size=self.cfg["batch_size"],
-            shuffle=True,
+            sampler=ResumableSampler(self.train_set, self.cfg["seed"], replicas, rank),
             collate_fn=collate,
             num_workers=self.cfg["num_workers"],
         )
