@@ -314,7 +314,7 @@ def evaluate_sweep(cfg: dict[str, Any] | Any, output_dir: str | Path | None = No
     out_dir = output_dir or cfg.get("output_dir") or (cfg.get("paths") or {}).get("output_dir")
     if _missing(out_dir):
         raise ValueError("no output dir: pass output_dir= (the Hydra entry uses the run's output dir)")
-    out = Path(str(out_dir))
+    out = check_output_dir(str(out_dir))  # fail before loading the target
     metas = {d.parent.name: read_meta(d) for d in drafts}
     swept = varying_config(metas)
     target, rows = load_eval_target(cfg), []
