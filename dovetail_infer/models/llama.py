@@ -288,6 +288,45 @@ class LlamaModel(nn.Module):
         return model
 
 
+class PackedLinear(nn.Module):
+    """A frozen nn.Linear whose weight is prepacked once for oneDNN (CPU inference).
+
+    `F.linear` on a CPU reorders the weight into oneDNN's blocked layout on every call; for the few-row
+    products of decoding and verification that costs as much as the product itself. Packing once
+    halves the time of a decoding step (measured, bf16 and fp32) and gives bitwise the same results.
+    `weight` stays (same state_dict keys; a tied LM head still shares the embedding).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
+    return (
+        torch.device(device).type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def pack_linears(module: nn.Module) -> nn.Module:
+    """Swap every nn.Linear of a frozen CPU module for a PackedLinear (inference only, in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear(child))
+        else:
+            pack_linears(child)
+    return module
+
+
 def causal_mask(T: int, start: int, device=None) -> torch.Tensor:
     """(1, 1, T, start+T) bool: the cached prefix is visible, new tokens see themselves causally."""
     q = torch.arange(T, device=device)[:, None] + start

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dovetail_infer.models.llama import LlamaConfig, LlamaModel, unfuse_state_dict
+from dovetail_infer.models.llama import LlamaConfig, LlamaModel, can_pack, pack_linears, unfuse_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class TargetSpec:
     system_prompt: str | None = None
     random_config: dict[str, Any] = field(default_factory=dict)
     tokenizer: dict[str, Any] | None = None  # for source=random: a TargetSpec dict whose tokenizer is reused
+    prepack: bool = True  # CPU: oneDNN-prepacked linear weights (~2x faster decoding; weights held twice)
     seed: int = 0
 
     @classmethod
@@ -306,6 +307,8 @@ def load_target(spec: TargetSpec | dict[str, Any]) -> Target:
         target = Target(spec, model, _load_tokenizer(folder), folder, source_id)
     target.model.to(device=spec.device, dtype=dtype)
     target.model.inv_freq = target.model.inv_freq.float()
+    if spec.prepack and can_pack(spec.device, dtype):
+        pack_linears(target.model)
     return target
 
 
