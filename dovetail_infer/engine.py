@@ -14,6 +14,8 @@ paired with their *true* target features.
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -32,6 +34,8 @@ from dovetail_infer.models.target import Target
 from dovetail_infer.sampling import greedy_accept, gumbel_pick, log_probs, probs, sample_accept
 from dovetail_infer.tree import DraftTree, grow_tree, topk_pick
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class InferConfig:
@@ -41,6 +45,7 @@ class InferConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     max_new_tokens: int = 256
+    min_prob: float = 0.0  # greedy: stop drafting below this cumulative draft probability (0 = full depth)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,6 +55,8 @@ class InferConfig:
                 raise ValueError(f"InferConfig.{name} must be an integer >= 1, got {v!r}")
         if self.temperature < 0:
             raise ValueError(f"InferConfig.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 <= self.min_prob < 1:
+            raise ValueError(f"InferConfig.min_prob must be in [0, 1), got {self.min_prob!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"InferConfig.top_p must be in (0, 1], got {self.top_p!r}")
 
@@ -151,6 +158,13 @@ class Dovetail:
         dev = draft_device or ("cuda" if torch.cuda.is_available() else "cpu")
         draft, _ = load_draft(draft_dir, target.identity(), device=dev, dtype=draft_dtype or target.dtype)
         counts = load_token_counts(draft_dir) if draft_vocab else None
+        if draft_vocab and counts is None:
+            log.warning(
+                "%s has no token counts: draft_vocab=%s ignored, the draft uses the full vocabulary",
+                draft_dir,
+                draft_vocab,
+            )
+            draft_vocab = None
         return cls(target, draft, dev, draft_vocab=draft_vocab, token_counts=counts)
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -223,7 +237,9 @@ class Dovetail:
             return log_q(out)
 
         pick = (lambda lq, k: gumbel_pick(lq, k, gen)) if sampling else topk_pick
-        return grow_tree(root, log_q(pred), expand, cfg.budget, cfg.depth, cfg.top_k, pick)
+        # early stop only when greedy: with sampling the tree's shape must not depend on sampled values
+        floor = math.log(cfg.min_prob) if cfg.min_prob > 0 and not sampling else float("-inf")
+        return grow_tree(root, log_q(pred), expand, cfg.budget, cfg.depth, cfg.top_k, pick, floor)
 
     # ---- decoding -------------------------------------------------------------------------------
 

@@ -43,7 +43,8 @@ INFER_DEFAULTS: dict[str, Any] = {
     "budgets": None,
     "depth": 6,
     "top_k": 4,
-    "draft_vocab": None,
+    "draft_vocab": 4096,
+    "min_prob": 0.2,
     "temperature": 0.0,
     "top_p": 1.0,
     "max_new_tokens": 128,
@@ -209,7 +210,9 @@ def evaluate_bench(engine, target: Target, name: str, questions: list, infer: di
         row.update(summarize(records, baseline, int(cfg.depth)))
         row["peak_draft_mem_mb"] = torch.cuda.max_memory_allocated(meta["draft_device"]) / 2**20 if cuda else None
         row["peak_rss_mb"] = peak_rss_mb()
-        row.update({k: getattr(cfg, k) for k in ("depth", "top_k", "temperature", "top_p", "max_new_tokens")})
+        row.update(
+            {k: getattr(cfg, k) for k in ("depth", "top_k", "min_prob", "temperature", "top_p", "max_new_tokens")}
+        )
         row.update(draft_vocab=infer["draft_vocab"], **auto)
         row.update({k: v for k, v in meta.items() if k != "seed"})
         rows.append(row)

@@ -134,18 +134,27 @@ def topk_pick(log_q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def grow_tree(
-    root: int, root_log_q: torch.Tensor, expand: ExpandFn, budget: int, depth: int, top_k: int, pick: PickFn = topk_pick
+    root: int,
+    root_log_q: torch.Tensor,
+    expand: ExpandFn,
+    budget: int,
+    depth: int,
+    top_k: int,
+    pick: PickFn = topk_pick,
+    min_score: float = float("-inf"),
 ) -> tuple[DraftTree, dict[int, torch.Tensor]]:
     """Grow `depth` levels, then keep the best `budget` candidates by cumulative score.
 
     Each level expands the frontier (the top_k candidates of the previous level by cumulative score)
-    with top_k children each. Returns the tree and the children's log-distribution of every expanded
-    candidate (-1 = root), which lossless sampling needs to verify the children.
+    with top_k children each; candidates scoring below `min_score` are not expanded, so drafting stops
+    early where the draft is unsure (each level costs a draft forward). Returns the tree and the
+    children's log-distribution of every expanded candidate (-1 = root), which lossless sampling
+    needs to verify the children.
     """
     tok, inc = pick(root_log_q[None], top_k)
     cand_tok, cand_par, cand_score = tok[0].tolist(), [-1] * tok.shape[1], inc[0].tolist()
     dists = {-1: root_log_q}
-    frontier = [c for c in range(len(cand_tok)) if cand_score[c] > float("-inf")]
+    frontier = [c for c in range(len(cand_tok)) if cand_score[c] > float("-inf") and cand_score[c] >= min_score]
     parent_rows = [0] * len(frontier)
     for d in range(1, depth):
         if not frontier:
@@ -160,7 +169,7 @@ def grow_tree(
         cand_par += [c for c in frontier for _ in range(k)]
         cand_score += cum.flatten().tolist()
         order = sorted(range(len(frontier) * k), key=lambda j: (-cand_score[base + j], j))[:top_k]
-        order = [j for j in order if cand_score[base + j] > float("-inf")]
+        order = [j for j in order if cand_score[base + j] > float("-inf") and cand_score[base + j] >= min_score]
         frontier = [base + j for j in order]
         parent_rows = [j // k for j in order]
     return build_tree(root, cand_tok, cand_par, cand_score, budget), dists

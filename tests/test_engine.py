@@ -283,6 +283,19 @@ def test_reduced_draft_vocab_stays_lossless_and_proposes_only_frequent_tokens(ti
     assert r.output_ids == ref
     full = Dovetail(tiny_target, draft, "cpu").generate(ids, InferConfig(budget=4, depth=4, top_k=1, max_new_tokens=n))
     assert r.tau > 1.5 and full.tau >= r.tau  # rare tokens can no longer be proposed
-    save_draft(random_draft(tiny_target), tmp_path / "d", tiny_target.identity())
     with pytest.raises(ValueError, match="token counts"):
-        Dovetail.from_pretrained(tmp_path / "d", tiny_target, "cpu", draft_vocab=64)
+        Dovetail(tiny_target, draft, "cpu", draft_vocab=64)
+    save_draft(random_draft(tiny_target), tmp_path / "d", tiny_target.identity())  # no counts: full vocabulary
+    assert Dovetail.from_pretrained(tmp_path / "d", tiny_target, "cpu", draft_vocab=64).d2t is None
+
+
+def test_min_prob_stops_drafting_early_and_stays_lossless(tiny_target):
+    n, ids = 32, prompt(tiny_target, 2)
+    ref = hf_greedy(tiny_target, ids, n)
+    eng = Dovetail(tiny_target, random_draft(tiny_target, depth=2), "cpu")
+    full = eng.generate(ids, InferConfig(budget=8, depth=6, top_k=2, max_new_tokens=n))
+    early = eng.generate(ids, InferConfig(budget=8, depth=6, top_k=2, max_new_tokens=n, min_prob=0.5))
+    assert full.output_ids == early.output_ids == ref
+    assert early.draft_s < full.draft_s  # an untrained draft is never confident: one level per forward
+    with pytest.raises(ValueError, match="min_prob"):
+        InferConfig(min_prob=1.0)
