@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--budgets", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--draft-vocab", type=int, default=None)
+    ap.add_argument("--draft-vocab", type=int, default=4096)
+    ap.add_argument("--min-prob", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--skip-hf-fp32", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
@@ -132,9 +133,11 @@ def main() -> None:
     for name, eng in engines.items():
         shapes = [(b, b, 1) for b in args.budgets] + [(8, 6, 4)]
         for b, d, k in shapes:
-            cfg = InferConfig(budget=b, depth=d, top_k=k, max_new_tokens=n)
+            cfg = InferConfig(budget=b, depth=d, top_k=k, max_new_tokens=n, min_prob=args.min_prob)
             runners[f"{name} b{b} d{d} k{k}"] = engine_runner(eng, cfg)
-    auto_cfg, profile = autotune(engines["dovetail"], prompts[:2], InferConfig(max_new_tokens=n))
+    auto_cfg, profile = autotune(
+        engines["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob)
+    )
     runners["dovetail auto"] = engine_runner(engines["dovetail"], auto_cfg)
     for run in runners.values():  # warm-up
         run(prompts[0][:64] if len(prompts[0]) > 64 else prompts[0])
@@ -170,6 +173,7 @@ def main() -> None:
         "threads": args.threads,
         "runs": args.runs,
         "draft_vocab": args.draft_vocab,
+        "min_prob": args.min_prob,
         "auto_choice": {"budget": auto_cfg.budget, "depth": auto_cfg.depth, "top_k": auto_cfg.top_k},
         "auto_profile": profile,
         "notes": notes,
