@@ -304,6 +304,9 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the packed kernel needs the weight's dtype (autocast, e.g. online features in bf16-mixed training,
+        # would hand it another one); the frozen target then computes in its own dtype
+        x = x.to(self.weight.dtype)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

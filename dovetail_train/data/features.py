@@ -27,6 +27,8 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from dovetail_infer.models.target import file_sha256
+
 log = logging.getLogger(__name__)
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,14 +55,6 @@ def compute_features(target: Any, input_ids_batch: torch.Tensor) -> torch.Tensor
     Used online (`data.features=online`, inside the training step) and by the offline cache builder.
     """
     return target.model(input_ids_batch.to(target.device))
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_hash(examples: Sequence[Mapping[str, Any]]) -> str:
