@@ -27,6 +27,17 @@ def target_spec(name: str, **overrides) -> dict:
     return spec
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and 2 spinning threads collapse on a busy 2-core machine.
+
+    Use per module: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_target() -> Target:
     return load_target(target_spec("tiny_random"))

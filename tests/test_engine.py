@@ -18,13 +18,7 @@ CHATS = ["Hi there!", "Write a haiku about the sea.", "What is 17 * 3?"]
 _REF: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster and leaves the shared cores to others."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ def make_examples(n: int = 10, seed: int = 0, vocab: int = 49152) -> list[dict]:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and 2 spinning threads collapse on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -21,14 +21,7 @@ from test_train import metrics_rows, run_train
 from dovetail_infer.checkpoint import DraftMismatchError, load_draft, save_draft
 from dovetail_infer.models.draft import DraftConfig, DraftModel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and the test machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- crash-resume of training -------------------------------------------------------------------------------

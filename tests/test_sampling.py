@@ -13,14 +13,7 @@ from dovetail_infer.models.target import load_target
 from dovetail_infer.sampling import greedy_accept, gumbel_pick, probs, sample_accept, verify_node
 from dovetail_infer.tree import DraftTree
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster and leaves the shared cores to others."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chi2_pvalue(counts: torch.Tensor, expected_p: torch.Tensor) -> float:
