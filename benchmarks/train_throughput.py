@@ -18,10 +18,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 
 from dovetail_infer.models.draft import DraftConfig
-from dovetail_infer.models.target import load_target
+from dovetail_infer.models.target import load_target, spec_from_yaml
 from dovetail_train.module import DistillModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,10 +97,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = ap.parse_args()
-    spec = yaml.safe_load((ROOT / "conf" / "target" / f"{args.target}.yaml").read_text())
-    spec["cache_dir"] = str(ROOT / "data" / "cache")
-    if isinstance(spec.get("tokenizer"), dict):
-        spec["tokenizer"]["cache_dir"] = spec["cache_dir"]
+    spec = spec_from_yaml(ROOT / "conf" / "target" / f"{args.target}.yaml", ROOT / "data" / "cache")
     target = load_target(spec)
     batches = make_batches(target, args.steps, args.batch, args.seq)
     tokens = args.steps * args.batch * args.seq

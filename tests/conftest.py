@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from dovetail_infer.models.target import Target, load_target
+from dovetail_infer.models.target import Target, load_target, spec_from_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = os.environ.get("DOVETAIL_CACHE", str(ROOT / "data" / "cache"))
@@ -19,12 +18,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 def target_spec(name: str, **overrides) -> dict:
     """The dict a user gets from `target=<name>`, with the cache dir resolved for tests."""
-    spec = yaml.safe_load((ROOT / "conf" / "target" / f"{name}.yaml").read_text())
-    spec["cache_dir"] = CACHE
-    if isinstance(spec.get("tokenizer"), dict):
-        spec["tokenizer"]["cache_dir"] = CACHE
-    spec.update(overrides)
-    return spec
+    return spec_from_yaml(ROOT / "conf" / "target" / f"{name}.yaml", CACHE, **overrides)
 
 
 @pytest.fixture(scope="module")

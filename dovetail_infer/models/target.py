@@ -55,6 +55,20 @@ class TargetSpec:
         return cls(**d)
 
 
+def spec_from_yaml(path: str | Path, cache_dir: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """A target spec dict from a `conf/target/<name>.yaml` file without Hydra (tests, benchmarks, scripts):
+    the `${paths.cache_dir}` interpolations become `cache_dir` (default: DOVETAIL_CACHE or ~/.cache/dovetail)."""
+    import yaml
+
+    spec = yaml.safe_load(Path(path).read_text())
+    cache = str(cache_dir or default_cache_dir())
+    spec["cache_dir"] = cache
+    if isinstance(spec.get("tokenizer"), dict):
+        spec["tokenizer"]["cache_dir"] = cache
+    spec.update(overrides)
+    return spec
+
+
 def resolve_dtype(name: str | torch.dtype, device: str = "cpu") -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
