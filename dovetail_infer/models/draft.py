@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dovetail_infer.models.fusion import FUSIONS
-from dovetail_infer.models.llama import Block, LlamaConfig, causal_mask, rope_cos_sin, rope_inv_freq
+from dovetail_infer.models.llama import Block, LlamaConfig, rope_inv_freq, run_blocks
 
 
 @dataclass
@@ -95,16 +95,7 @@ class DraftModel(nn.Module):
 
         Masks, positions and the cache follow `LlamaModel.forward`.
         """
-        B, T, _ = feat.shape
-        x = self.fusion(feat, emb)
-        if positions is None:
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        if mask is None and cache is not None and (start > 0 or T > 1):
-            mask = causal_mask(T, start, x.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start)
-        return x
+        return run_blocks(self.layers, self.fusion(feat, emb), self.inv_freq, positions, mask, cache, start)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

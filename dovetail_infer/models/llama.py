@@ -249,15 +249,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, T); positions (B, T) RoPE positions (default start..start+T-1);
         mask (B|1, 1, T, start+T) bool, True = may attend (None: causal). Returns (B, T, D)."""
-        B, T = input_ids.shape
-        x = self.embed_tokens(input_ids)
-        if positions is None:
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        if mask is None and cache is not None and (start > 0 or T > 1):
-            mask = causal_mask(T, start, x.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start)
+        x = run_blocks(self.layers, self.embed_tokens(input_ids), self.inv_freq, positions, mask, cache, start)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -328,6 +320,28 @@ def pack_linears(module: nn.Module) -> nn.Module:
         else:
             pack_linears(child)
     return module
+
+
+def run_blocks(
+    layers: nn.ModuleList,
+    x: torch.Tensor,
+    inv_freq: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    cache=None,
+    start: int = 0,
+) -> torch.Tensor:
+    """The decoder stack shared by the target and the draft: default positions start..start+T-1, a causal
+    mask over the cached prefix when a cache is used, RoPE once, then every block. x (B, T, D)."""
+    B, T, _ = x.shape
+    if positions is None:
+        positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+    if mask is None and cache is not None and (start > 0 or T > 1):
+        mask = causal_mask(T, start, x.device)
+    cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
+    for i, layer in enumerate(layers):
+        x = layer(x, cos, sin, mask, cache, i, start)
+    return x
 
 
 def causal_mask(T: int, start: int, device=None) -> torch.Tensor:
