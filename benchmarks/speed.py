@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--min-prob", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--skip-hf-fp32", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,6 +137,23 @@ def main() -> None:
         engines["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob)
     )
     runners["dovetail auto"] = engine_runner(engines["dovetail"], auto_cfg)
+    compile_s = None
+    if not args.no_compile:  # the same configurations with the target step under torch.compile (static shapes)
+        t0 = time.perf_counter()
+        comp = {
+            k: Dovetail.from_pretrained(v, bf16, "cpu", draft_vocab=args.draft_vocab, compile=True)
+            for k, v in drafts.items()
+        }
+        tree = InferConfig(budget=8, depth=6, top_k=4, max_new_tokens=n, min_prob=args.min_prob)
+        runners["ours target-only bf16 compiled"] = engine_runner(comp["dovetail"], base_cfg, baseline=True)
+        for name, eng in comp.items():
+            runners[f"{name} b8 d6 k4 compiled"] = engine_runner(eng, tree)
+        c_auto, c_profile = autotune(
+            comp["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob)
+        )
+        runners["dovetail auto compiled"] = engine_runner(comp["dovetail"], c_auto)
+        notes["compiled auto choice"] = f"budget {c_auto.budget} depth {c_auto.depth} top_k {c_auto.top_k}"
+        compile_s = time.perf_counter() - t0
     for run in runners.values():  # warm-up
         run(prompts[0][:64] if len(prompts[0]) > 64 else prompts[0])
     passes: dict[str, list[float]] = {k: [] for k in runners}
@@ -145,10 +163,11 @@ def main() -> None:
             res = [run(p) for p in prompts]
             outputs[name] = [o for o, _ in res]
             passes[name].append(statistics.mean(len(o) / s for o, s in res))
-    ref = outputs["ours target-only bf16"]
     rows = []
     for name in runners:
         tps = statistics.median(passes[name])
+        # compiled kernels round differently: compiled rows are checked against compiled target-only decoding
+        ref = outputs["ours target-only bf16" + (" compiled" if name.endswith("compiled") else "")]
         same = None if "fp32" in name or "llama.cpp" in name else sum(a == b for a, b in zip(outputs[name], ref))
         rows.append(
             {
@@ -173,6 +192,7 @@ def main() -> None:
         "min_prob": args.min_prob,
         "auto_choice": {"budget": auto_cfg.budget, "depth": auto_cfg.depth, "top_k": auto_cfg.top_k},
         "auto_profile": profile,
+        "compile_and_autotune_s": None if compile_s is None else round(compile_s, 1),
         "notes": notes,
         "rows": rows,
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -46,8 +46,12 @@ def autoregressive(
     temperature: float = 0.0,
     top_p: float = 1.0,
     gen: torch.Generator | None = None,
+    forward: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[list[int], int, float, float]:
-    """Decode one token per target forward. Returns (new tokens, forwards after prefill, prefill_s, decode_s)."""
+    """Decode one token per target forward. Returns (new tokens, forwards after prefill, prefill_s, decode_s).
+
+    `forward`: what runs the model's forward (default the model; a `CompiledForward` for static shapes)."""
+    forward = forward or model
     dev = model.embed_tokens.weight.device
     sync(dev)
     t0 = time.perf_counter()
@@ -62,7 +66,7 @@ def autoregressive(
     while not stop:
         tok.fill_(out[-1])
         start = cache.length
-        h = model(tok, cache=cache, start=start)
+        h = forward(tok, cache=cache, start=start)
         cache.length = start + 1
         forwards += 1
         new, stop = finish(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from dovetail_infer.baseline import autoregressive, finish, next_token, sync
 from dovetail_infer.checkpoint import load_draft, load_token_counts
+from dovetail_infer.compiled import CompiledForward, compiled_forward
 from dovetail_infer.kv_cache import KVCache
 from dovetail_infer.models.draft import DraftModel
 from dovetail_infer.models.llama import PackedLinear, can_pack, pack_linears
@@ -105,8 +106,11 @@ class Dovetail:
         max_len: int | None = None,
         draft_vocab: int | None = None,
         token_counts: torch.Tensor | None = None,
+        compile: bool = False,
     ) -> None:
         self.target = target
+        # the target's decode/verify forward: eager, or torch.compile'd with static shapes (see compiled.py)
+        self.t_forward = compiled_forward(target.model) if compile else target.model
         self.tdev = target.device
         self.ddev = torch.device(draft_device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ctx = target.config.max_position_embeddings
@@ -150,6 +154,7 @@ class Dovetail:
         draft_device: str | None = None,
         draft_vocab: int | None = None,
         draft_dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> Dovetail:
         """Load an exported draft dir; refuses a draft trained for another target.
 
@@ -165,7 +170,7 @@ class Dovetail:
                 draft_vocab,
             )
             draft_vocab = None
-        return cls(target, draft, dev, draft_vocab=draft_vocab, token_counts=counts)
+        return cls(target, draft, dev, draft_vocab=draft_vocab, token_counts=counts, compile=compile)
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -185,11 +190,18 @@ class Dovetail:
                 "shorten the prompt or lower max_new_tokens"
             )
 
-    def _caches(self, n_target: int, n_draft: int) -> tuple[KVCache, KVCache | None]:
-        """Static caches, reallocated only when a longer generation needs more room."""
+    def _caches(self, n_target: int, n_draft: int, new_tokens: int = 1) -> tuple[KVCache, KVCache | None]:
+        """Static caches, reallocated only when a longer generation needs more room. A compiled target
+        compiles its steps for up to `new_tokens` per forward here, outside the timed regions."""
+        compiled = isinstance(self.t_forward, CompiledForward)
+        if compiled:  # room for padded buckets; coarse sizes: every cache size is another compiled graph
+            n_target += self.t_forward.bucket(new_tokens) or 0
         if self._tcache is None or self._tcache.max_len < n_target:
-            size = -(-n_target // 256) * 256
+            step = 512 if compiled else 256
+            size = min(-(-n_target // step) * step, max(self.max_len, n_target))
             self._tcache = KVCache.for_model(self.target.config, size, dtype=self.target.dtype, device=self.tdev)
+        if compiled:
+            self.t_forward.warmup(self._tcache, (new_tokens,))
         if self.draft is not None and (self._dcache is None or self._dcache.max_len < n_draft):
             c, size = self.draft.config, -(-n_draft // 256) * 256
             dtype = next(self.draft.parameters()).dtype
@@ -250,7 +262,9 @@ class Dovetail:
         budget = self._budget(cfg)
         self._check(prompt_ids, cfg, budget)
         n, model, eos = len(prompt_ids), self.target.model, self.target.eos_ids
-        tc, dc = self._caches(n + cfg.max_new_tokens + budget, n + cfg.max_new_tokens + cfg.top_k * cfg.depth + 1)
+        tc, dc = self._caches(
+            n + cfg.max_new_tokens + budget, n + cfg.max_new_tokens + cfg.top_k * cfg.depth + 1, budget + 1
+        )
         tgen = torch.Generator(self.tdev).manual_seed(cfg.seed)
         dgen = torch.Generator(self.ddev).manual_seed((cfg.seed * 6364136223846793005 + 1442695040888963407) % 2**63)
         clock, nbytes = _Clock(self.tdev, self.ddev), 0
@@ -289,7 +303,7 @@ class Dovetail:
                 L, N1 = tc.length, len(tree.tokens)
                 pos = (L + torch.tensor(tree.depths, device=self.tdev))[None]
                 mask = torch.cat([torch.ones(N1, L, dtype=torch.bool, device=self.tdev), tree.mask(self.tdev)], 1)
-                h = model(ids[None], pos, mask[None, None], tc, start=L)[0]  # (N+1, D)
+                h = self.t_forward(ids[None], pos, mask[None, None], tc, start=L)[0]  # (N+1, D)
                 logits = model.logits(h)
                 if sampling:
                     path, bonus = sample_accept(tree, probs(logits, cfg.temperature, cfg.top_p), q_rows, tgen)
@@ -337,7 +351,15 @@ class Dovetail:
         tc, _ = self._caches(len(prompt_ids) + cfg.max_new_tokens, 0)
         gen = torch.Generator(self.tdev).manual_seed(cfg.seed)
         out, forwards, prefill_s, decode_s = autoregressive(
-            self.target.model, prompt_ids, tc, cfg.max_new_tokens, self.target.eos_ids, cfg.temperature, cfg.top_p, gen
+            self.target.model,
+            prompt_ids,
+            tc,
+            cfg.max_new_tokens,
+            self.target.eos_ids,
+            cfg.temperature,
+            cfg.top_p,
+            gen,
+            self.t_forward,
         )
         return GenerationResult(
             output_ids=out,

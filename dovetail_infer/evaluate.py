@@ -53,6 +53,7 @@ INFER_DEFAULTS: dict[str, Any] = {
     "max_len": None,
     "warmup": 1,
     "progress": True,
+    "compile": False,
 }
 
 
@@ -270,7 +271,9 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     torch.manual_seed(seed)
     target = target or load_eval_target(cfg)
     draft_device = resolve_device(infer["draft_device"])
-    engine = Dovetail.from_pretrained(str(ckpt), target, draft_device=draft_device, draft_vocab=infer["draft_vocab"])
+    engine = Dovetail.from_pretrained(
+        str(ckpt), target, draft_device=draft_device, draft_vocab=infer["draft_vocab"], compile=bool(infer["compile"])
+    )
     meta = {
         "seed": seed,
         "draft_device": draft_device,
@@ -281,6 +284,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
         "draft_layers": draft_cfg.get("depth"),
         "fusion": draft_cfg.get("fusion"),
         "draft_params": draft_meta.get("trainable_params"),
+        "compiled": bool(infer["compile"]),
     }
     (out / "eval_config.json").write_text(json.dumps({**cfg, "infer": infer}, indent=2, default=str))
     rows = []

@@ -39,7 +39,7 @@ def test_kv_cache_commit_compacts_kept_slots():
     cache.length = 3
     cache.commit([4, 6])
     assert cache.length == 5
-    torch.testing.assert_close(cache.k[0, 0, 0, 3:5], k[0, 0, [4, 6]])
+    torch.testing.assert_close(cache.k[0][0, 0, 3:5], k[0, 0, [4, 6]])
     with pytest.raises(ValueError, match="overflow"):
         cache.update(0, 7, k[:, :, :2], k[:, :, :2])
 

@@ -121,7 +121,7 @@ def greedy_static(target: Any, prompts: list[list[int]], max_new_tokens: int) ->
             break
         if int(fin.sum()) * 8 >= len(fin):  # drop finished rows from the batch (and the cache)
             keep = (~fin).nonzero().squeeze(1)
-            cache.k, cache.v = cache.k[:, keep.to(dev)], cache.v[:, keep.to(dev)]
+            cache.keep_rows(keep.to(dev))
             valid, next_pos, alive, tok, fin = valid[keep], next_pos[keep], alive[keep], tok[keep], fin[keep]
         start = P + t
         m = valid[:, None, None, : start + 1].to(dev)

@@ -1,0 +1,111 @@
+"""The target's decode / verify forward under torch.compile, with static shapes.
+
+Eager PyTorch spends most of a CPU decoding step on per-op overhead (~35 small ops per layer, each
+10-20 us), not on reading weights. Inductor fuses the element-wise work (RMSNorm, RoPE, SiLU, masks)
+into a few C++ loops. It needs static shapes to do that well (its dynamic-shape build failed here), so
+every call is padded to a bucket of new tokens and attends over the whole cache buffer under a mask:
+one compiled graph per (bucket, cache size), shared by plain decoding (bucket 1) and tree verification.
+
+Padding rows write scratch cache slots past the new tokens and see only themselves; their outputs are
+dropped. Prefill (more new tokens than the largest bucket) runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+
+import torch
+import torch._inductor.config as inductor_config
+
+from dovetail_infer.kv_cache import KVCache
+from dovetail_infer.models.llama import LlamaModel
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+def _raise_recompile_limit(n: int) -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(cfg, name) and getattr(cfg, name) < n:
+            setattr(cfg, name, n)
+
+
+class CompiledForward:
+    """Drop-in for `LlamaModel.forward(ids, positions, mask, cache, start)` on a static cache."""
+
+    def __init__(self, model: LlamaModel, buckets: tuple[int, ...] = BUCKETS) -> None:
+        self.model, self.buckets = model, tuple(sorted(buckets))
+        _raise_recompile_limit(4 * len(self.buckets) + 8)
+        self._fn = torch.compile(self._static, dynamic=False)
+        self.compile_s = 0.0
+        self._seen: set[tuple[int, int]] = set()
+
+    def _static(self, ids, positions, mask, cache, start):
+        return self.model(ids, positions, mask, cache, start)
+
+    def bucket(self, t: int) -> int | None:
+        return next((b for b in self.buckets if b >= t), None)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        tb = self.bucket(T)
+        if cache is None or B != 1 or tb is None or start + tb > cache.max_len:
+            return self.model(input_ids, positions, mask, cache, start)
+        dev, L = input_ids.device, cache.max_len
+        ids = torch.zeros(1, tb, dtype=input_ids.dtype, device=dev)
+        ids[:, :T] = input_ids
+        pos = torch.arange(start, start + tb, device=dev)[None]
+        if positions is not None:
+            pos[:, :T] = positions
+        full = torch.zeros(1, 1, tb, L, dtype=torch.bool, device=dev)
+        if mask is None:  # causal over the prefix and the new tokens
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=dev).tril(start)[None, None]
+        full[:, :, :T, : start + T] = mask
+        pad = torch.arange(T, tb, device=dev)
+        full[0, 0, pad, start + pad] = True  # padding rows see only themselves
+        key = (tb, L)
+        t0 = time.perf_counter()
+        # freezing: weights become constants (needed to lower the prepacked oneDNN linears; compile-time only)
+        with inductor_config.patch(freezing=True):
+            h = self._fn(ids, pos, full, cache, torch.tensor(start, device=dev))
+        if key not in self._seen:
+            self._seen.add(key)
+            self.compile_s += time.perf_counter() - t0
+            log.info("compiled the target step for %d new tokens over a %d-slot cache", tb, L)
+        return h[:, :T]
+
+    def warmup(self, cache: KVCache, sizes: tuple[int, ...] | None = None) -> float:
+        """Compile every bucket up to max(sizes) for this cache (slots past `cache.length` are scratch).
+        Returns seconds spent."""
+        top = self.bucket(max(sizes)) if sizes else self.buckets[-1]
+        t0 = time.perf_counter()
+        dev = cache.k[0].device
+        with torch.no_grad():
+            for tb in self.buckets:
+                if (top is not None and tb > top) or tb > cache.max_len:
+                    break
+                if (tb, cache.max_len) in self._seen:
+                    continue
+                self(torch.zeros(1, tb, dtype=torch.long, device=dev), cache=cache, start=0)
+        return time.perf_counter() - t0
+
+
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_forward(model: LlamaModel) -> CompiledForward:
+    """One CompiledForward per model, so engines built on the same target (a sweep) share its graphs."""
+    if model not in _SHARED:
+        _SHARED[model] = CompiledForward(model)
+    return _SHARED[model]

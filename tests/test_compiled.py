@@ -1,0 +1,74 @@
+"""The torch.compile'd target step: same tokens as eager decoding, padded buckets, eager fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import CheatDraft, compactions, hf_greedy, prompt
+
+from dovetail_infer.compiled import CompiledForward
+from dovetail_infer.engine import Dovetail, InferConfig
+from dovetail_infer.kv_cache import KVCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(tiny_target):
+    return Dovetail(tiny_target, None, "cpu", compile=True)
+
+
+@torch.no_grad()
+def test_padded_bucket_equals_eager_forward_and_cache(tiny_target):
+    """A 3-token tree-masked forward padded to bucket 4 gives the eager hidden states and cache entries;
+    the padding's scratch slot is written past the tree and nothing else changes."""
+    model, cfg = tiny_target.model, tiny_target.config
+    fwd = CompiledForward(model, buckets=(1, 4))
+    torch.manual_seed(0)
+    prefix = torch.randint(0, cfg.vocab_size, (1, 20))
+    caches = [KVCache.for_model(cfg, 64), KVCache.for_model(cfg, 64)]
+    for c in caches:
+        model(prefix, cache=c, start=0)
+        c.length = 20
+    ids = torch.tensor([[5, 7, 9]])
+    pos = torch.tensor([[20, 21, 21]])  # a root and two siblings
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    mask = torch.cat([torch.ones(3, 20, dtype=torch.bool), tree], 1)[None, None]
+    eager = model(ids, pos, mask, caches[0], start=20)
+    comp = fwd(ids, pos, mask, caches[1], start=20)
+    assert comp.shape == eager.shape == (1, 3, cfg.hidden_size)
+    torch.testing.assert_close(comp, eager, atol=1e-5, rtol=1e-5)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        torch.testing.assert_close(a[:, :, :23], b[:, :, :23], atol=1e-5, rtol=1e-5)
+        assert not b[:, :, 24:].any()  # only the one padding slot (23) was touched
+    assert fwd._seen == {(4, 64)}
+
+
+@torch.no_grad()
+def test_long_inputs_fall_back_to_eager(tiny_target):
+    fwd = CompiledForward(tiny_target.model, buckets=(1, 2))
+    cache = KVCache.for_model(tiny_target.config, 32)
+    ids = torch.randint(0, 100, (1, 5))
+    torch.testing.assert_close(fwd(ids, cache=cache, start=0), tiny_target.model(ids))
+    assert fwd._seen == set()  # 5 new tokens > the largest bucket: nothing compiled
+
+
+def test_compiled_baseline_equals_hf(tiny_target, compiled_engine):
+    ids = prompt(tiny_target, 0)
+    r = compiled_engine.generate_baseline(ids, InferConfig(max_new_tokens=24))
+    assert r.output_ids == hf_greedy(tiny_target, ids, 24)
+
+
+@pytest.mark.parametrize("budget,depth,top_k", [(4, 3, 2), (8, 6, 4), (16, 8, 2)])
+def test_compiled_speculative_equals_hf(tiny_target, compiled_engine, monkeypatch, budget, depth, top_k):
+    n = 40
+    ids = prompt(tiny_target, 1)
+    ref = hf_greedy(tiny_target, ids, n)
+    moved = compactions(monkeypatch)
+    eng = Dovetail(tiny_target, CheatDraft(tiny_target, ids + ref), "cpu", compile=True)
+    assert eng.t_forward is compiled_engine.t_forward  # engines on one target share the compiled graphs
+    r = eng.generate(ids, InferConfig(budget=budget, depth=depth, top_k=top_k, max_new_tokens=n))
+    assert r.output_ids == ref and r.tau > 1.5
+    assert sum(moved) > 0
+    sizes = {tb for tb, _ in eng.t_forward._seen}
+    assert eng.t_forward.bucket(budget + 1) in sizes
