@@ -1,4 +1,4 @@
-"""The target's decode / verify forward under torch.compile, with static shapes.
+"""The target's (and the draft's) decode / verify forward under torch.compile, with static shapes.
 
 Eager PyTorch spends most of a CPU decoding step on per-op overhead (~35 small ops per layer, each
 10-20 us), not on reading weights. Inductor fuses the element-wise work (RMSNorm, RoPE, SiLU, masks)
@@ -20,7 +20,6 @@ import torch
 import torch._inductor.config as inductor_config
 
 from dovetail_infer.kv_cache import KVCache
-from dovetail_infer.models.llama import LlamaModel
 
 log = logging.getLogger(__name__)
 
@@ -35,36 +34,40 @@ def _raise_recompile_limit(n: int) -> None:
 
 
 class CompiledForward:
-    """Drop-in for `LlamaModel.forward(ids, positions, mask, cache, start)` on a static cache."""
+    """Drop-in for `forward(*inputs, positions, mask, cache, start)` on a static cache: `LlamaModel`
+    (inputs: token ids (1, T)) or `DraftModel` (inputs: features and embeddings (1, T, D))."""
 
-    def __init__(self, model: LlamaModel, buckets: tuple[int, ...] = BUCKETS) -> None:
+    def __init__(self, model: torch.nn.Module, buckets: tuple[int, ...] = BUCKETS) -> None:
         self.model, self.buckets = model, tuple(sorted(buckets))
         _raise_recompile_limit(4 * len(self.buckets) + 8)
         self._fn = torch.compile(self._static, dynamic=False)
         self.compile_s = 0.0
         self._seen: set[tuple[int, int]] = set()
 
-    def _static(self, ids, positions, mask, cache, start):
-        return self.model(ids, positions, mask, cache, start)
+    def _static(self, inputs, positions, mask, cache, start):
+        return self.model(*inputs, positions, mask, cache, start)
 
     def bucket(self, t: int) -> int | None:
         return next((b for b in self.buckets if b >= t), None)
 
     def __call__(
         self,
-        input_ids: torch.Tensor,
+        *inputs: torch.Tensor,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         start: int = 0,
     ) -> torch.Tensor:
-        B, T = input_ids.shape
+        B, T = inputs[0].shape[:2]
         tb = self.bucket(T)
         if cache is None or B != 1 or tb is None or start + tb > cache.max_len:
-            return self.model(input_ids, positions, mask, cache, start)
-        dev, L = input_ids.device, cache.max_len
-        ids = torch.zeros(1, tb, dtype=input_ids.dtype, device=dev)
-        ids[:, :T] = input_ids
+            return self.model(*inputs, positions, mask, cache, start)
+        dev, L = inputs[0].device, cache.max_len
+        padded = []
+        for x in inputs:
+            p = x.new_zeros(1, tb, *x.shape[2:])
+            p[:, :T] = x
+            padded.append(p)
         pos = torch.arange(start, start + tb, device=dev)[None]
         if positions is not None:
             pos[:, :T] = positions
@@ -78,16 +81,16 @@ class CompiledForward:
         t0 = time.perf_counter()
         # freezing: weights become constants (needed to lower the prepacked oneDNN linears; compile-time only)
         with inductor_config.patch(freezing=True):
-            h = self._fn(ids, pos, full, cache, torch.tensor(start, device=dev))
+            h = self._fn(tuple(padded), pos, full, cache, torch.tensor(start, device=dev))
         if key not in self._seen:
             self._seen.add(key)
             self.compile_s += time.perf_counter() - t0
             log.info("compiled the target step for %d new tokens over a %d-slot cache", tb, L)
         return h[:, :T]
 
-    def warmup(self, cache: KVCache, sizes: tuple[int, ...] | None = None) -> float:
-        """Compile every bucket up to max(sizes) for this cache (slots past `cache.length` are scratch).
-        Returns seconds spent."""
+    def warmup(self, cache: KVCache, sizes: tuple[int, ...] | None = None, example: tuple = ()) -> float:
+        """Compile every bucket up to max(sizes) for this cache (it must hold nothing yet: slots from 0 are
+        written). `example`: one (1, 1, ...) tensor per input (default: token ids). Returns seconds spent."""
         top = self.bucket(max(sizes)) if sizes else self.buckets[-1]
         t0 = time.perf_counter()
         dev = cache.k[0].device
@@ -97,14 +100,17 @@ class CompiledForward:
                     break
                 if (tb, cache.max_len) in self._seen:
                     continue
-                self(torch.zeros(1, tb, dtype=torch.long, device=dev), cache=cache, start=0)
+                xs = [x.expand(1, tb, *x.shape[2:]) for x in example] or [
+                    torch.zeros(1, tb, dtype=torch.long, device=dev)
+                ]
+                self(*xs, cache=cache, start=0)
         return time.perf_counter() - t0
 
 
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_forward(model: LlamaModel) -> CompiledForward:
+def compiled_forward(model: torch.nn.Module) -> CompiledForward:
     """One CompiledForward per model, so engines built on the same target (a sweep) share its graphs."""
     if model not in _SHARED:
         _SHARED[model] = CompiledForward(model)

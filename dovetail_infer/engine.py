@@ -129,6 +129,7 @@ class Dovetail:
             if can_pack(self.ddev, ddtype):  # oneDNN-prepacked weights: ~2x faster few-row products
                 self.draft = pack_linears(copy.deepcopy(self.draft))
                 self.d_head_fn = PackedLinear(head)
+            self.d_forward = compiled_forward(self.draft) if compile else self.draft
         self._tcache: KVCache | None = None
         self._dcache: KVCache | None = None
 
@@ -190,23 +191,33 @@ class Dovetail:
                 "shorten the prompt or lower max_new_tokens"
             )
 
-    def _caches(self, n_target: int, n_draft: int, new_tokens: int = 1) -> tuple[KVCache, KVCache | None]:
-        """Static caches, reallocated only when a longer generation needs more room. A compiled target
-        compiles its steps for up to `new_tokens` per forward here, outside the timed regions."""
-        compiled = isinstance(self.t_forward, CompiledForward)
-        if compiled:  # room for padded buckets; coarse sizes: every cache size is another compiled graph
-            n_target += self.t_forward.bucket(new_tokens) or 0
-        if self._tcache is None or self._tcache.max_len < n_target:
-            step = 512 if compiled else 256
-            size = min(-(-n_target // step) * step, max(self.max_len, n_target))
-            self._tcache = KVCache.for_model(self.target.config, size, dtype=self.target.dtype, device=self.tdev)
-        if compiled:
-            self.t_forward.warmup(self._tcache, (new_tokens,))
-        if self.draft is not None and (self._dcache is None or self._dcache.max_len < n_draft):
-            c, size = self.draft.config, -(-n_draft // 256) * 256
-            dtype = next(self.draft.parameters()).dtype
-            self._dcache = KVCache(c.depth, c.n_kv_heads, c.head_dim, size, dtype=dtype, device=self.ddev)
+    def _caches(self, n_target: int, n_draft: int, t_new: int = 1, d_new: int = 1) -> tuple[KVCache, KVCache | None]:
+        """Static caches, reallocated only when a longer generation needs more room. Compiled steps are
+        compiled here for up to `t_new` (target) / `d_new` (draft) tokens per forward, outside timed regions."""
+        self._tcache = self._cache(self._tcache, self.t_forward, self.target.model, n_target, t_new, self.tdev)
+        if self.draft is not None:
+            self._dcache = self._cache(self._dcache, self.d_forward, self.draft, n_draft, d_new, self.ddev)
         return self._tcache, self._dcache
+
+    def _cache(self, cache, forward, model, need: int, new: int, dev: torch.device) -> KVCache:
+        compiled = isinstance(forward, CompiledForward)
+        if compiled:  # room for padded buckets; coarse sizes: every cache size is another compiled graph
+            need += forward.bucket(new) or 0
+        if cache is None or cache.max_len < need:
+            step = 512 if compiled else 256
+            size = min(-(-need // step) * step, max(self.max_len, need))
+            c, dtype = model.config, next(model.parameters()).dtype
+            cache = KVCache(
+                c.n_layers if hasattr(c, "n_layers") else c.depth, c.n_kv_heads, c.head_dim, size, 1, dtype, dev
+            )
+        if compiled:
+            example = (
+                (torch.zeros(1, 1, self.d_embed.shape[1], dtype=self.d_embed.dtype, device=dev),) * 2
+                if model is self.draft
+                else ()
+            )
+            forward.warmup(cache, (new,), example)
+        return cache
 
     def _budget(self, cfg: InferConfig) -> int:
         return cfg.budget if self.draft is not None else 0
@@ -218,7 +229,7 @@ class Dovetail:
         dc = self._dcache
         ids = torch.tensor(next_ids, device=self.ddev)
         dc.rollback(start)  # drops the previous tree's scratch
-        out = self.draft(feats[None], F.embedding(ids, self.d_embed)[None], cache=dc, start=start)
+        out = self.d_forward(feats[None], F.embedding(ids, self.d_embed)[None], cache=dc, start=start)
         dc.length = start + len(next_ids)
         return out[0, -1]
 
@@ -243,7 +254,8 @@ class Dovetail:
             mask = torch.cat([torch.ones(n_new, nd, dtype=torch.bool, device=self.ddev), vis], 1)
             pos = torch.full((1, n_new), nd + depth - 1, device=self.ddev)
             emb = F.embedding(torch.tensor(tokens, device=self.ddev), self.d_embed)
-            out = self.draft(state["feats"][rows][None], emb[None], pos, mask[None, None], dc, nd + slot)[0]
+            x = state["feats"][rows][None]
+            out = self.d_forward(x, emb[None], positions=pos, mask=mask[None, None], cache=dc, start=nd + slot)[0]
             state["feats"] = out
             state["vis"] = vis
             return log_q(out)
@@ -263,7 +275,10 @@ class Dovetail:
         self._check(prompt_ids, cfg, budget)
         n, model, eos = len(prompt_ids), self.target.model, self.target.eos_ids
         tc, dc = self._caches(
-            n + cfg.max_new_tokens + budget, n + cfg.max_new_tokens + cfg.top_k * cfg.depth + 1, budget + 1
+            n + cfg.max_new_tokens + budget,
+            n + cfg.max_new_tokens + cfg.top_k * cfg.depth + 1,
+            budget + 1,
+            max(cfg.top_k, cfg.depth + 1),
         )
         tgen = torch.Generator(self.tdev).manual_seed(cfg.seed)
         dgen = torch.Generator(self.ddev).manual_seed((cfg.seed * 6364136223846793005 + 1442695040888963407) % 2**63)
@@ -303,7 +318,7 @@ class Dovetail:
                 L, N1 = tc.length, len(tree.tokens)
                 pos = (L + torch.tensor(tree.depths, device=self.tdev))[None]
                 mask = torch.cat([torch.ones(N1, L, dtype=torch.bool, device=self.tdev), tree.mask(self.tdev)], 1)
-                h = self.t_forward(ids[None], pos, mask[None, None], tc, start=L)[0]  # (N+1, D)
+                h = self.t_forward(ids[None], positions=pos, mask=mask[None, None], cache=tc, start=L)[0]  # (N+1, D)
                 logits = model.logits(h)
                 if sampling:
                     path, bonus = sample_accept(tree, probs(logits, cfg.temperature, cfg.top_p), q_rows, tgen)

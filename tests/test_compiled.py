@@ -35,7 +35,7 @@ def test_padded_bucket_equals_eager_forward_and_cache(tiny_target):
     tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
     mask = torch.cat([torch.ones(3, 20, dtype=torch.bool), tree], 1)[None, None]
     eager = model(ids, pos, mask, caches[0], start=20)
-    comp = fwd(ids, pos, mask, caches[1], start=20)
+    comp = fwd(ids, positions=pos, mask=mask, cache=caches[1], start=20)
     assert comp.shape == eager.shape == (1, 3, cfg.hidden_size)
     torch.testing.assert_close(comp, eager, atol=1e-5, rtol=1e-5)
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
@@ -72,3 +72,18 @@ def test_compiled_speculative_equals_hf(tiny_target, compiled_engine, monkeypatc
     assert sum(moved) > 0
     sizes = {tb for tb, _ in eng.t_forward._seen}
     assert eng.t_forward.bucket(budget + 1) in sizes
+
+
+def test_compiled_draft_and_target_match_eager_engine(tiny_target):
+    """A real (random) draft compiled too: every draft/verify forward goes through the buckets and the
+    tokens equal the eager engine's."""
+    from test_engine import random_draft
+
+    ids = prompt(tiny_target, 2)
+    draft = random_draft(tiny_target, depth=2, seed=3)
+    cfg = InferConfig(budget=8, depth=4, top_k=2, max_new_tokens=24)
+    eager = Dovetail(tiny_target, draft, "cpu").generate(ids, cfg)
+    comp = Dovetail(tiny_target, draft, "cpu", compile=True)
+    assert isinstance(comp.d_forward, CompiledForward)
+    assert comp.generate(ids, cfg).output_ids == eager.output_ids == hf_greedy(tiny_target, ids, 24)
+    assert {tb for tb, _ in comp.d_forward._seen} >= {1, 2, 4}  # draft commits and tree levels were compiled
