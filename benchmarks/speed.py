@@ -153,6 +153,7 @@ def main() -> None:
         )
         runners["dovetail auto compiled"] = engine_runner(comp["dovetail"], c_auto)
         notes["compiled auto choice"] = f"budget {c_auto.budget} depth {c_auto.depth} top_k {c_auto.top_k}"
+        notes["compiled auto profile"] = c_profile
         compile_s = time.perf_counter() - t0
     for run in runners.values():  # warm-up
         run(prompts[0][:64] if len(prompts[0]) > 64 else prompts[0])

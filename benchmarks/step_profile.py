@@ -125,7 +125,7 @@ def main() -> None:
         f"{args.target} {args.dtype}, {args.threads} threads, context {args.context}: weights {result['weight_mb']} MB, "
         f"read bandwidth {result['read_bandwidth_gb_s']} GB/s → floor {result['weight_streaming_floor_ms']} ms/forward",
         "",
-        "| new tokens k | eager ms | compiled ms | compiled speedup | eager GEMM share | eager ops/forward |",
+        "| new tokens k | eager ms | compiled ms | compiled speedup | eager GEMM share | eager profiler events/forward |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
