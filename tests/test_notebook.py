@@ -70,3 +70,6 @@ def test_ablation_notebook_draws_the_plots(sweep_table, suffix, monkeypatch):
     for png in PNGS:
         assert (table.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert str(table) in "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    lines = (table.parent / "ablation_table.md").read_text().splitlines()
+    assert lines[0].startswith("| depth | fusion | params (M)") and "τ b2" in lines[0] and "τ b4" in lines[0]
+    assert [row.split(" | ")[0] for row in lines[2:]] == ["| 1", "| 2"]  # one row per run, by depth
