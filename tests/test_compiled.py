@@ -86,4 +86,4 @@ def test_compiled_draft_and_target_match_eager_engine(tiny_target):
     comp = Dovetail(tiny_target, draft, "cpu", compile=True)
     assert isinstance(comp.d_forward, CompiledForward)
     assert comp.generate(ids, cfg).output_ids == eager.output_ids == hf_greedy(tiny_target, ids, 24)
-    assert {tb for tb, _ in comp.d_forward._seen} >= {1, 2, 4}  # draft commits and tree levels were compiled
+    assert {tb for tb, _ in comp.d_forward._seen} >= {1, 2, 3}  # draft commits and tree levels were compiled
