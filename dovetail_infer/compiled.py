@@ -20,6 +20,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from dovetail_infer.kv_cache import KVCache
+from dovetail_infer.models.llama import causal_mask
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class CompiledForward:
             pos[:, :T] = positions
         full = torch.zeros(1, 1, tb, L, dtype=torch.bool, device=dev)
         if mask is None:  # causal over the prefix and the new tokens
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=dev).tril(start)[None, None]
+            mask = causal_mask(T, start, dev)
         full[:, :, :T, : start + T] = mask
         pad = torch.arange(T, tb, device=dev)
         full[0, 0, pad, start + pad] = True  # padding rows see only themselves
@@ -86,7 +87,7 @@ class CompiledForward:
         if key not in self._seen:
             self._seen.add(key)
             self.compile_s += time.perf_counter() - t0
-            log.info("compiled the target step for %d new tokens over a %d-slot cache", tb, L)
+            log.info("compiled the %s step for %d new tokens over a %d-slot cache", type(self.model).__name__, tb, L)
         return h[:, :T]
 
     def warmup(self, cache: KVCache, sizes: tuple[int, ...] | None = None, example: tuple = ()) -> float:

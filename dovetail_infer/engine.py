@@ -194,28 +194,24 @@ class Dovetail:
     def _caches(self, n_target: int, n_draft: int, t_new: int = 1, d_new: int = 1) -> tuple[KVCache, KVCache | None]:
         """Static caches, reallocated only when a longer generation needs more room. Compiled steps are
         compiled here for up to `t_new` (target) / `d_new` (draft) tokens per forward, outside timed regions."""
-        self._tcache = self._cache(self._tcache, self.t_forward, self.target.model, n_target, t_new, self.tdev)
+        tdtype = self.target.dtype
+        self._tcache = self._cache(self._tcache, self.t_forward, self.target.config, tdtype, n_target, t_new, self.tdev)
         if self.draft is not None:
-            self._dcache = self._cache(self._dcache, self.d_forward, self.draft, n_draft, d_new, self.ddev)
+            dtype, dim = self.d_embed.dtype, self.d_embed.shape[1]
+            example = (torch.zeros(1, 1, dim, dtype=dtype, device=self.ddev),) * 2  # features, embeddings
+            cfg = self.draft.config.layer_config()
+            self._dcache = self._cache(self._dcache, self.d_forward, cfg, dtype, n_draft, d_new, self.ddev, example)
         return self._tcache, self._dcache
 
-    def _cache(self, cache, forward, model, need: int, new: int, dev: torch.device) -> KVCache:
+    def _cache(self, cache, forward, cfg, dtype, need: int, new: int, dev: torch.device, example=()) -> KVCache:
         compiled = isinstance(forward, CompiledForward)
         if compiled:  # room for padded buckets; coarse sizes: every cache size is another compiled graph
             need += forward.bucket(new) or 0
         if cache is None or cache.max_len < need:
             step = 512 if compiled else 256
             size = min(-(-need // step) * step, max(self.max_len, need))
-            c, dtype = model.config, next(model.parameters()).dtype
-            cache = KVCache(
-                c.n_layers if hasattr(c, "n_layers") else c.depth, c.n_kv_heads, c.head_dim, size, 1, dtype, dev
-            )
+            cache = KVCache.for_model(cfg, size, dtype=dtype, device=dev)
         if compiled:
-            example = (
-                (torch.zeros(1, 1, self.d_embed.shape[1], dtype=self.d_embed.dtype, device=dev),) * 2
-                if model is self.draft
-                else ()
-            )
             forward.warmup(cache, (new,), example)
         return cache
 
