@@ -322,6 +322,79 @@ def pack_linears(module: nn.Module) -> nn.Module:
     return module
 
 
+class QuantLinear(nn.Module):
+    """A frozen CPU linear with weight-only quantized weights: int8 (symmetric, one scale per output row)
+    or int4 (asymmetric, a scale and a zero point per `group` inputs; GGUF's Q4_1 layout, so a Q4_1
+    checkpoint re-quantizes almost exactly). Activations stay in the model dtype.
+
+    Decoding reads a quarter (int4) or half (int8) of the bf16 bytes: a SmolLM2 decoding step's matrix
+    products fall from ~14 ms to ~5 ms (int4) here. The kernels scale badly with rows (int4: 5 rows cost
+    ~3x one), so a quantized target verifies short drafts only. The quantized model *is* the target:
+    lossless means equal to its own greedy decoding. `weight` stays (the draft's head copy, HF reference).
+    """
+
+    def __init__(self, linear: nn.Linear, bits: int, group: int = 32) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("QuantLinear: biased linears are not supported")
+        self.weight, self.bits, self.group = linear.weight, bits, group
+        w = linear.weight.detach().float()
+        N, K = w.shape
+        dtype = linear.weight.dtype
+        if bits == 8:
+            scale = (w.abs().amax(1) / 127).clamp(min=1e-10)
+            self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+            self.register_buffer("scales", scale.to(dtype))
+        elif bits == 4:
+            if not quantizable(linear, 4, group):
+                raise ValueError(f"int4 needs in_features % {group} == 0 and out_features % 16 == 0, got {N}x{K}")
+            wg = w.reshape(N, K // group, group)
+            lo, hi = wg.amin(-1), wg.amax(-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-10)
+            q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(N, K)
+            # the kernel dequantizes (q - 8) * scale + zero
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.register_buffer("scales", torch.stack([scale.t(), (lo + 8 * scale).t()], -1).to(dtype).contiguous())
+        else:
+            raise ValueError(f"QuantLinear: bits must be 4 or 8, got {bits}")
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, (out, in) in the model dtype (tests and error reports)."""
+        eye = torch.eye(self.weight.shape[1], dtype=self.weight.dtype, device=self.weight.device)
+        return self(eye).t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.to(self.weight.dtype).reshape(-1, x.shape[-1]).contiguous()
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self.scales)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+QUANT_BITS = {"int8": 8, "int4": 4}
+
+
+def quantizable(linear: nn.Linear, bits: int, group: int = 32) -> bool:
+    N, K = linear.weight.shape
+    return linear.bias is None and (bits == 8 or (K % group == 0 and N % 16 == 0))
+
+
+def quantize_linears(module: nn.Module, quant: str, group: int = 32) -> int:
+    """Swap every nn.Linear of a frozen CPU module for a QuantLinear (`quant`: int8 or int4), in place.
+    Linears whose shape the kernel cannot take stay as they are. Returns how many were quantized."""
+    if quant not in QUANT_BITS:
+        raise ValueError(f"quant must be one of {sorted(QUANT_BITS)} (or null), got {quant!r}")
+    bits, n = QUANT_BITS[quant], 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear) and quantizable(child, bits, group):
+            setattr(module, name, QuantLinear(child, bits, group))
+            n += 1
+        elif not isinstance(child, nn.Linear):
+            n += quantize_linears(child, quant, group)
+    return n
+
+
 def run_blocks(
     layers: nn.ModuleList,
     x: torch.Tensor,

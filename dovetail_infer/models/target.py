@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dovetail_infer.models.llama import LlamaConfig, LlamaModel, can_pack, pack_linears, unfuse_state_dict
+from dovetail_infer.models.llama import (
+    LlamaConfig,
+    LlamaModel,
+    can_pack,
+    pack_linears,
+    quantize_linears,
+    unfuse_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,15 @@ class TargetSpec:
     random_config: dict[str, Any] = field(default_factory=dict)
     tokenizer: dict[str, Any] | None = None  # for source=random: a TargetSpec dict whose tokenizer is reused
     prepack: bool = True  # CPU: oneDNN-prepacked linear weights (~2x faster decoding; weights held twice)
+    quant: str | None = None  # CPU: int8 / int4 weight-only linears (the quantized model is then the target)
+    quant_group: int = 32  # int4: inputs per scale/zero group (32 = GGUF Q4_1)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.quant not in (None, "int8", "int4"):
+            raise ValueError(f"target.quant must be null, int8 or int4, got {self.quant!r}")
+        if self.quant and torch.device(self.device).type != "cpu":
+            raise ValueError(f"target.quant={self.quant} uses CPU kernels: set target.device=cpu or target.quant=null")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TargetSpec:
@@ -321,8 +336,11 @@ def load_target(spec: TargetSpec | dict[str, Any]) -> Target:
         target = Target(spec, model, _load_tokenizer(folder), folder, source_id)
     target.model.to(device=spec.device, dtype=dtype)
     target.model.inv_freq = target.model.inv_freq.float()
+    if spec.quant:
+        n = quantize_linears(target.model, spec.quant, spec.quant_group)
+        log.info("target %s: %d linears quantized to %s weight-only", spec.name, n, spec.quant)
     if spec.prepack and can_pack(spec.device, dtype):
-        pack_linears(target.model)
+        pack_linears(target.model)  # what quantization left as nn.Linear
     return target
 
 
