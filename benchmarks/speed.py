@@ -98,12 +98,13 @@ def main() -> None:
     ap.add_argument("--per-bench", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--budgets", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--budgets", type=int, nargs="*", default=[2], help="eager chain rows (plus the b8 d6 k4 tree)")
     ap.add_argument("--draft-vocab", type=int, default=4096)
     ap.add_argument("--min-prob", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--skip-hf-fp32", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows")
+    ap.add_argument("--quant", nargs="*", default=["int4"], help="weight-only quantized targets (compiled rows)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,6 +155,24 @@ def main() -> None:
         runners["dovetail auto compiled"] = engine_runner(comp["dovetail"], c_auto)
         notes["compiled auto choice"] = f"budget {c_auto.budget} depth {c_auto.depth} top_k {c_auto.top_k}"
         notes["compiled auto profile"] = c_profile
+        for quant in args.quant:  # a weight-only quantized target: a different model, its own reference rows
+            qt = load_target(
+                spec_from_yaml(ROOT / "conf" / "target" / f"{args.target}.yaml", ROOT / "data" / "cache", quant=quant)
+            )
+            qeng = {
+                k: Dovetail.from_pretrained(v, qt, "cpu", draft_vocab=args.draft_vocab, compile=True)
+                for k, v in drafts.items()
+            }
+            runners[f"ours target-only {quant} compiled"] = engine_runner(qeng["dovetail"], base_cfg, baseline=True)
+            chain = InferConfig(budget=2, depth=2, top_k=1, max_new_tokens=n, min_prob=args.min_prob)
+            for name, eng in qeng.items():
+                runners[f"{name} {quant} b2 d2 k1 compiled"] = engine_runner(eng, chain)
+            q_auto, q_profile = autotune(
+                qeng["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob)
+            )
+            runners[f"dovetail {quant} auto compiled"] = engine_runner(qeng["dovetail"], q_auto)
+            notes[f"{quant} compiled auto choice"] = f"budget {q_auto.budget} depth {q_auto.depth} top_k {q_auto.top_k}"
+            notes[f"{quant} compiled auto profile"] = q_profile
         compile_s = time.perf_counter() - t0
     for run in runners.values():  # warm-up
         run(prompts[0][:64] if len(prompts[0]) > 64 else prompts[0])
@@ -167,8 +186,11 @@ def main() -> None:
     rows = []
     for name in runners:
         tps = statistics.median(passes[name])
-        # compiled kernels round differently: compiled rows are checked against compiled target-only decoding
-        ref = outputs["ours target-only bf16" + (" compiled" if name.endswith("compiled") else "")]
+        # compiled kernels round differently: compiled rows are checked against compiled target-only decoding;
+        # a quantized target is another model: its rows against its own target-only decoding
+        quant = next((q for q in args.quant if f" {q} " in name), None)
+        ref_name = "ours target-only " + (quant or "bf16") + (" compiled" if name.endswith("compiled") else "")
+        ref = outputs[ref_name]
         same = None if "fp32" in name or "llama.cpp" in name else sum(a == b for a, b in zip(outputs[name], ref))
         rows.append(
             {
@@ -194,6 +216,7 @@ def main() -> None:
         "auto_choice": {"budget": auto_cfg.budget, "depth": auto_cfg.depth, "top_k": auto_cfg.top_k},
         "auto_profile": profile,
         "compile_and_autotune_s": None if compile_s is None else round(compile_s, 1),
+        "quant": args.quant,
         "notes": notes,
         "rows": rows,
     }

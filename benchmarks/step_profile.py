@@ -1,11 +1,12 @@
-"""Where a target forward's time goes: eager vs torch.compile'd, decoding (1 new token) and verification (k).
+"""Where a target forward's time goes: bf16 eager, bf16 compiled and weight-only quantized compiled,
+decoding (1 new token) and verification (k tokens).
 
-    python benchmarks/step_profile.py [--target smollm2_135m] [--context 300] [--k 1 4 8 16] [--iters 30]
+    python benchmarks/step_profile.py [--target smollm2_135m] [--quant int4] [--context 300] [--k 1 2 3 4 9 17]
 
-For each k: median ms of one forward over a `--context`-token cache, eager and compiled side by side
-(interleaved), plus the eager step's time per operator kind from torch.profiler (matrix products vs the
-rest), and the weight-streaming floor: weight bytes / the memory read bandwidth measured here on one
-large copy. Writes benchmarks/results/step_profile.json and .md.
+For each k: median ms of one forward (LM head included) over a `--context`-token cache, all variants side
+by side (interleaved), each split by torch.profiler into weight products, attention's batched matmuls,
+dynamo's guard check and the rest; and each variant's weight-streaming floor: bytes read per forward /
+the memory read bandwidth measured here. Writes benchmarks/results/step_profile.json and .md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dovetail_infer.compiled import CompiledForward
 from dovetail_infer.kv_cache import KVCache
+from dovetail_infer.models.llama import PackedLinear, QuantLinear, RMSNorm
 from dovetail_infer.models.target import load_target, spec_from_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,91 +50,130 @@ def timed(fn, iters: int) -> float:
     return statistics.median(ts) * 1000
 
 
+WEIGHT_OPS = GEMM_OPS[:1] + ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm") + GEMM_OPS[1:]
+
+
+def step_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one forward reads: every linear (as stored: bf16, or int4/int8 plus scales) and
+    norm; the embedding only for a few rows, so not counted (a tied LM head is counted as the head)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += sum(b.numel() * b.element_size() for b in (m.qweight, m.scales))
+        elif isinstance(m, (PackedLinear, torch.nn.Linear)):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, RMSNorm):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def categorize(prof, n: int) -> dict[str, float]:
+    """ms per forward by kind: weight products, attention's batched matmuls, dynamo's guard check, and the
+    rest (inductor's fused C++ loops run inside the graph call and count there)."""
+    ev = prof.key_averages()
+    cats = {"weight_products": 0.0, "attention_bmm": 0.0, "guards": 0.0, "rest": 0.0}
+    for e in ev:
+        if e.key in WEIGHT_OPS or e.key.startswith("quantized::"):
+            k = "weight_products"
+        elif e.key == "aten::bmm":
+            k = "attention_bmm"
+        elif "Cache Lookup" in e.key:
+            k = "guards"
+        else:
+            k = "rest"
+        cats[k] += e.self_cpu_time_total / 1000 / n
+    return {k: round(v, 2) for k, v in cats.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2_135m")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quant", nargs="*", default=["int4"], help="also profile these weight-only quantized targets")
     ap.add_argument("--context", type=int, default=300)
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 9, 17])
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_profile"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    spec = spec_from_yaml(ROOT / "conf" / "target" / f"{args.target}.yaml", ROOT / "data" / "cache", dtype=args.dtype)
-    target = load_target(spec)
-    model, cfg = target.model, target.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if cfg.tie_word_embeddings:  # the tied LM head is read once per step, the embedding only for a few rows
-        weight_bytes -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-        weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    yaml = ROOT / "conf" / "target" / f"{args.target}.yaml"
     gbs = read_bandwidth_gbs()
-    floor_ms = weight_bytes / (gbs * 1e9) * 1000
-    # 512 slots: the size the engine allocates for these lengths
-    caches = {name: KVCache.for_model(cfg, 512, dtype=target.dtype) for name in ("eager", "compiled")}
-    comp = CompiledForward(model)
+    weights: dict[str, torch.nn.Module] = {}
+    for quant in [None, *args.quant]:
+        weights[quant or args.dtype] = load_target(
+            spec_from_yaml(yaml, ROOT / "data" / "cache", dtype=args.dtype, quant=quant)
+        ).model
+    cfg = next(iter(weights.values())).config
+    # the runs: eager and compiled on the float weights, compiled on each quantized one
+    runs_of = {f"{args.dtype} eager": (weights[args.dtype], False)}
+    runs_of.update({f"{w} compiled": (m, True) for w, m in weights.items()})
     torch.manual_seed(0)
     ctx = torch.randint(0, cfg.vocab_size, (1, args.context))
-    rows = []
+    state = {}
     with torch.no_grad():
-        for c in caches.values():
-            model(ctx, cache=c, start=0)
+        for name, (model, compiled) in runs_of.items():
+            cache = KVCache.for_model(cfg, 512, dtype=model.embed_tokens.weight.dtype)  # the engine's size here
+            model(ctx, cache=cache, start=0)
+            state[name] = (model, CompiledForward(model) if compiled else model, cache)
+        rows = []
         for k in args.k:
             ids = torch.randint(0, cfg.vocab_size, (1, k))
-            runs = {
-                "eager": lambda ids=ids: model.logits(model(ids, cache=caches["eager"], start=args.context)),
-                "compiled": lambda ids=ids: model.logits(comp(ids, cache=caches["compiled"], start=args.context)),
+            fns = {
+                name: (lambda m=m, f=f, c=c, ids=ids: m.logits(f(ids, cache=c, start=args.context)))
+                for name, (m, f, c) in state.items()
             }
-            runs["compiled"]()  # compile this bucket (timed separately)
-            ms = {name: [] for name in runs}
-            for _ in range(3):  # interleaved passes: machine noise hits both alike
-                for name, fn in runs.items():
+            for fn in fns.values():
+                fn()  # compiles this bucket (timed separately)
+            ms = {name: [] for name in fns}
+            for _ in range(3):  # interleaved passes: machine noise hits all alike
+                for name, fn in fns.items():
                     ms[name].append(timed(fn, max(args.iters // 3, 1)))
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(5):
-                    runs["eager"]()
-            ev = prof.key_averages()
-            total = sum(e.self_cpu_time_total for e in ev)
-            gemm = sum(e.self_cpu_time_total for e in ev if e.key in GEMM_OPS)
-            n_ops = sum(e.count for e in ev) / 5
-            top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:6]
-            rows.append(
-                {
-                    "k": k,
-                    "eager_ms": round(statistics.median(ms["eager"]), 2),
-                    "compiled_ms": round(statistics.median(ms["compiled"]), 2),
-                    "eager_gemm_share": round(gemm / total, 3) if total else None,
-                    "eager_ops_per_forward": round(n_ops),
-                    "eager_top_ops": [(e.key, round(e.self_cpu_time_total / total, 3)) for e in top],
-                }
-            )
-            print(rows[-1], flush=True)
-        compile_s = comp.compile_s
+            row = {"k": k, "ms": {name: round(statistics.median(v), 2) for name, v in ms.items()}, "profile": {}}
+            for name, fn in fns.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(5):
+                        fn()
+                row["profile"][name] = categorize(prof, 5)
+            rows.append(row)
+            print(row, flush=True)
     result = {
         "target": args.target,
         "dtype": args.dtype,
         "context": args.context,
         "threads": args.threads,
-        "weight_mb": round(weight_bytes / 2**20, 1),
         "read_bandwidth_gb_s": round(gbs, 1),
-        "weight_streaming_floor_ms": round(floor_ms, 2),
-        "compile_s": round(compile_s, 1),
+        "weights": {
+            w: {"step_mb": round(step_bytes(m) / 2**20, 1), "floor_ms": round(step_bytes(m) / (gbs * 1e9) * 1e3, 2)}
+            for w, m in weights.items()
+        },
+        "compile_s": {
+            name: round(f.compile_s, 1) for name, (_, f, _) in state.items() if isinstance(f, CompiledForward)
+        },
         "rows": rows,
     }
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    names = list(runs_of)
     lines = [
-        f"{args.target} {args.dtype}, {args.threads} threads, context {args.context}: weights {result['weight_mb']} MB, "
-        f"read bandwidth {result['read_bandwidth_gb_s']} GB/s → floor {result['weight_streaming_floor_ms']} ms/forward",
+        f"{args.target}, {args.threads} threads, context {args.context}, read bandwidth {result['read_bandwidth_gb_s']} GB/s; "
+        + "; ".join(
+            f"{w}: {v['step_mb']} MB read per forward, floor {v['floor_ms']} ms" for w, v in result["weights"].items()
+        ),
         "",
-        "| new tokens k | eager ms | compiled ms | compiled speedup | eager GEMM share | eager profiler events/forward |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "ms per forward (incl. the LM head over the k rows); in brackets: weight products / attention bmm / guard check / rest",
+        "",
+        "| k | " + " | ".join(names) + " |",
+        "|---:|" + "---:|" * len(names),
     ]
     for r in rows:
-        lines.append(
-            f"| {r['k']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['eager_ms'] / r['compiled_ms']:.2f}× "
-            f"| {r['eager_gemm_share']:.0%} | {r['eager_ops_per_forward']} |"
-        )
+        cells = []
+        for n in names:
+            p = r["profile"][n]
+            cells.append(
+                f"{r['ms'][n]:.1f} ({p['weight_products']:.1f} / {p['attention_bmm']:.1f} / {p['guards']:.1f} / {p['rest']:.1f})"
+            )
+        lines.append(f"| {r['k']} | " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # (budget, depth, top_k): chains and small trees, the range the paper finds useful for a CPU verifier
 CANDIDATES: tuple[tuple[int, int, int], ...] = (
+    (1, 1, 1),
     (2, 2, 1),
     (3, 3, 1),
     (4, 4, 1),

@@ -3,7 +3,7 @@
 Eager PyTorch spends most of a CPU decoding step on per-op overhead (~35 small ops per layer, each
 10-20 us), not on reading weights. Inductor fuses the element-wise work (RMSNorm, RoPE, SiLU, masks)
 into a few C++ loops. It needs static shapes to do that well (its dynamic-shape build failed here), so
-every call is padded to a bucket of new tokens (1, 2, 3, 5, 9, 17, 33) and attends over the whole cache buffer under a mask:
+every call is padded to a bucket of new tokens (1, 2, 3, 4, 5, 9, 17, 33) and attends over the whole cache buffer under a mask:
 one compiled graph per (bucket, cache size), shared by plain decoding (bucket 1) and tree verification.
 
 Padding rows write scratch cache slots past the new tokens and see only themselves; their outputs are
@@ -25,8 +25,9 @@ from dovetail_infer.models.llama import causal_mask
 
 log = logging.getLogger(__name__)
 
-# 2^k + 1: a budget-b tree verifies b + 1 tokens (root included); padding 9 to 16 cost 37% more (measured)
-BUCKETS = (1, 2, 3, 5, 9, 17, 33)
+# 2^k + 1: a budget-b tree verifies b + 1 tokens (root included); padding 9 to 16 cost 37% more (measured).
+# 4: the int4 kernel's cost doubles past 4 rows (4 -> 5: ~8 -> ~14 ms of products), so short chains stop at 4
+BUCKETS = (1, 2, 3, 4, 5, 9, 17, 33)
 
 
 def _raise_recompile_limit(n: int) -> None:
