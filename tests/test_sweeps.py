@@ -69,3 +69,16 @@ def test_optuna_search_maximises_sim_tau(tmp_path):
         json.loads(p.read_text())["summary"]["config"]["optim"]["lr"] for p in tmp_path.glob("*/draft/dovetail.json")
     }
     assert len(lrs) == 2 and all(1e-4 <= lr <= 5e-3 for lr in lrs)
+
+
+REPLIES = SHAREGPT.parent / "sharegpt_smollm2_replies.jsonl"
+
+
+@pytest.mark.skipif(not REPLIES.exists(), reason="shared ShareGPT replies not present")
+def test_cpu_draft_experiment_trains_a_one_layer_draft_on_the_shared_replies(tmp_path):
+    proc = run_train("experiment=cpu_draft", "debug=fdr", "data.limit=8", f"hydra.run.dir={tmp_path}")
+    conf = json.loads((tmp_path / "draft" / "config.json").read_text())
+    assert conf["depth"] == 1 and conf["fusion"] == "dgf"
+    meta = json.loads((tmp_path / "draft" / "dovetail.json").read_text())
+    assert meta["summary"]["data"]["train_examples"] > 0
+    assert "regenerate:" not in proc.stdout + proc.stderr  # the file's replies are used as they are

@@ -162,34 +162,12 @@ def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     Hk, S = k.shape[1], k.shape[2]
     G = H // Hk
     qg = q.reshape(B, Hk, G * T, d)  # (B, Hk, G*T, d): head h = kv_head * G + g
-    if torch.compiler.is_compiling() and T <= FUSED_QUERY:
-        return _fused_small_query_attention(qg, k, v, mask, T)
     scores = (qg @ k.transpose(-1, -2)).float() * d**-0.5  # (B, Hk, G*T, S)
     if mask is not None:
         m = mask.expand(mask.shape[0], 1, T, S)[:, :, None].expand(-1, -1, G, -1, -1)
         scores = scores.masked_fill(~m.reshape(mask.shape[0], 1, G * T, S), float("-inf"))
     y = scores.softmax(-1).to(v.dtype) @ v  # (B, Hk, G*T, d)
     return y.reshape(B, H, T, d)
-
-
-FUSED_QUERY = 4  # compiled: up to this many new tokens, attention is left to inductor as plain loops
-
-
-def _fused_small_query_attention(qg, k, v, mask, T: int) -> torch.Tensor:
-    """The same attention written as broadcast products and sums, for torch.compile: inductor turns it
-    into a few fused C++ loops instead of two oneDNN batched matmuls, whose fixed cost (~50 us each,
-    2 per layer) was a quarter of a compiled int4 decoding step here. Eager would materialise the
-    broadcasts, so only compiled graphs take this path."""
-    B, Hk, GT, d = qg.shape
-    S = k.shape[2]
-    scores = (qg[:, :, :, None, :].float() * k[:, :, None, :, :].float()).sum(-1) * d**-0.5  # (B, Hk, GT, S)
-    if mask is not None:
-        G = GT // T
-        m = mask.expand(mask.shape[0], 1, T, S)[:, :, None].expand(-1, -1, G, -1, -1)
-        scores = scores.masked_fill(~m.reshape(mask.shape[0], 1, GT, S), float("-inf"))
-    p = scores.softmax(-1)
-    y = (p[..., None] * v[:, :, None, :, :].float()).sum(-2)  # (B, Hk, GT, d)
-    return y.to(v.dtype).reshape(B, Hk * GT // T, T, d)
 
 
 def _fuse(state_dict: dict, prefix: str, fused: str, parts: tuple[str, ...]) -> None:
