@@ -26,7 +26,6 @@ from dovetail_infer.models.llama import PackedLinear, QuantLinear, RMSNorm
 from dovetail_infer.models.target import load_target, spec_from_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-GEMM_OPS = ("mkldnn::_linear_pointwise", "aten::linear", "aten::mm", "aten::matmul", "aten::bmm", "aten::addmm")
 
 
 def read_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
@@ -50,7 +49,9 @@ def timed(fn, iters: int) -> float:
     return statistics.median(ts) * 1000
 
 
-WEIGHT_OPS = GEMM_OPS[:1] + ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm") + GEMM_OPS[1:]
+WEIGHT_OPS = ("mkldnn::_linear_pointwise", "aten::linear", "aten::mm", "aten::addmm")
+WEIGHT_OPS += ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm")
+ATTENTION_OPS = ("aten::bmm", "aten::matmul")  # the few-query attention's two products (the linears are above)
 
 
 def step_bytes(model: torch.nn.Module) -> int:
@@ -75,7 +76,7 @@ def categorize(prof, n: int) -> dict[str, float]:
     for e in ev:
         if e.key in WEIGHT_OPS or e.key.startswith("quantized::"):
             k = "weight_products"
-        elif e.key == "aten::bmm":
+        elif e.key in ATTENTION_OPS:
             k = "attention_bmm"
         elif "Cache Lookup" in e.key:
             k = "guards"
