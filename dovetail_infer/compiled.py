@@ -3,8 +3,8 @@
 Eager PyTorch spends most of a CPU decoding step on per-op overhead (~35 small ops per layer, each
 10-20 us), not on reading weights. Inductor fuses the element-wise work (RMSNorm, RoPE, SiLU, masks)
 into a few C++ loops. It needs static shapes to do that well (its dynamic-shape build failed here), so
-every call is padded to a bucket of new tokens (1, 2, 3, 4, 5, 9, 17, 33) and attends over the whole cache buffer under a mask:
-one compiled graph per (bucket, cache size), shared by plain decoding (bucket 1) and tree verification.
+every call is padded to a bucket of new tokens (1, 2, 3, 4, 5, 9, 17, 33) and attends over the whole cache
+buffer under a mask: one compiled graph per (bucket, cache size), shared by plain decoding (bucket 1) and tree verification.
 
 Padding rows write scratch cache slots past the new tokens and see only themselves; their outputs are
 dropped. Prefill (more new tokens than the largest bucket) runs eagerly.
@@ -60,6 +60,11 @@ class CompiledForward:
             return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         return contextlib.nullcontext()
 
+    def _run(self, args: tuple, key: tuple[int, int]) -> torch.Tensor:
+        # freezing: weights become constants (needed to lower the prepacked oneDNN linears; compile-time only)
+        with inductor_config.patch(freezing=True), self._stance(key):
+            return self._fn(*args)
+
     def bucket(self, t: int) -> int | None:
         return next((b for b in self.buckets if b >= t), None)
 
@@ -92,18 +97,15 @@ class CompiledForward:
         full[0, 0, pad, start + pad] = True  # padding rows see only themselves
         key = (tb, L)
         t0 = time.perf_counter()
-        # freezing: weights become constants (needed to lower the prepacked oneDNN linears; compile-time only)
         args = (tuple(padded), pos, full, cache, torch.tensor(start, device=dev))
         try:
-            with inductor_config.patch(freezing=True), self._stance(key):
-                h = self._fn(*args)
+            h = self._run(args, key)
         except RuntimeError as e:  # the graph was not built after all (e.g. dynamo gave up): check every guard
             if "skip_guard_eval_unsafe" not in str(e):
                 raise
             log.warning("compiled %s step: full guard checks from now on (%s)", type(self.model).__name__, e)
             self.skip_guards = False
-            with inductor_config.patch(freezing=True):
-                h = self._fn(*args)
+            h = self._run(args, key)
         if key not in self._seen:
             self._seen.add(key)
             self.compile_s += time.perf_counter() - t0

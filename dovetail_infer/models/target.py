@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dovetail_infer.models.llama import (
+    QUANT_BITS,
     LlamaConfig,
     LlamaModel,
     can_pack,
@@ -56,7 +57,7 @@ class TargetSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.quant not in (None, "int8", "int4"):
+        if self.quant is not None and self.quant not in QUANT_BITS:
             raise ValueError(f"target.quant must be null, int8 or int4, got {self.quant!r}")
         if self.quant and torch.device(self.device).type != "cpu":
             raise ValueError(f"target.quant={self.quant} uses CPU kernels: set target.device=cpu or target.quant=null")
