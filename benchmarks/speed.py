@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 Runner = Callable[[list[int]], tuple[list[int], float]]  # prompt ids -> (new ids, decoding seconds)
 
 
-def target_for(name: str, dtype: str) -> Target:
-    return load_target(spec_from_yaml(ROOT / "conf" / "target" / f"{name}.yaml", ROOT / "data" / "cache", dtype=dtype))
+def target_for(name: str, dtype: str, **overrides) -> Target:
+    yaml = ROOT / "conf" / "target" / f"{name}.yaml"
+    return load_target(spec_from_yaml(yaml, ROOT / "data" / "cache", dtype=dtype, **overrides))
 
 
 def hf_runner(target: Target, n: int, **gen_kwargs) -> Runner:
@@ -138,41 +139,33 @@ def main() -> None:
         engines["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob)
     )
     runners["dovetail auto"] = engine_runner(engines["dovetail"], auto_cfg)
+
+    def add_compiled(target: Target, quant: str | None, budget: int, depth: int, top_k: int) -> None:
+        """Compiled rows on `target`: target-only, each draft at one shape, and `auto`. A quantized target is
+        a different model: its rows carry its name and are compared with its own target-only decoding."""
+        tag = f" {quant}" if quant else ""
+        eng = {
+            k: Dovetail.from_pretrained(v, target, "cpu", draft_vocab=args.draft_vocab, compile=True)
+            for k, v in drafts.items()
+        }
+        runners[f"ours target-only {quant or 'bf16'} compiled"] = engine_runner(
+            eng["dovetail"], base_cfg, baseline=True
+        )
+        cfg = InferConfig(budget=budget, depth=depth, top_k=top_k, max_new_tokens=n, min_prob=args.min_prob)
+        for name, e in eng.items():
+            runners[f"{name}{tag} b{budget} d{depth} k{top_k} compiled"] = engine_runner(e, cfg)
+        auto, prof = autotune(eng["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob))
+        runners[f"dovetail{tag} auto compiled"] = engine_runner(eng["dovetail"], auto)
+        key = f"{quant} compiled auto" if quant else "compiled auto"
+        notes[f"{key} choice"] = f"budget {auto.budget} depth {auto.depth} top_k {auto.top_k}"
+        notes[f"{key} profile"] = prof
+
     compile_s = None
     if not args.no_compile:  # the same configurations with the target step under torch.compile (static shapes)
         t0 = time.perf_counter()
-        comp = {
-            k: Dovetail.from_pretrained(v, bf16, "cpu", draft_vocab=args.draft_vocab, compile=True)
-            for k, v in drafts.items()
-        }
-        tree = InferConfig(budget=8, depth=6, top_k=4, max_new_tokens=n, min_prob=args.min_prob)
-        runners["ours target-only bf16 compiled"] = engine_runner(comp["dovetail"], base_cfg, baseline=True)
-        for name, eng in comp.items():
-            runners[f"{name} b8 d6 k4 compiled"] = engine_runner(eng, tree)
-        c_auto, c_profile = autotune(
-            comp["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob)
-        )
-        runners["dovetail auto compiled"] = engine_runner(comp["dovetail"], c_auto)
-        notes["compiled auto choice"] = f"budget {c_auto.budget} depth {c_auto.depth} top_k {c_auto.top_k}"
-        notes["compiled auto profile"] = c_profile
-        for quant in args.quant:  # a weight-only quantized target: a different model, its own reference rows
-            qt = load_target(
-                spec_from_yaml(ROOT / "conf" / "target" / f"{args.target}.yaml", ROOT / "data" / "cache", quant=quant)
-            )
-            qeng = {
-                k: Dovetail.from_pretrained(v, qt, "cpu", draft_vocab=args.draft_vocab, compile=True)
-                for k, v in drafts.items()
-            }
-            runners[f"ours target-only {quant} compiled"] = engine_runner(qeng["dovetail"], base_cfg, baseline=True)
-            chain = InferConfig(budget=2, depth=2, top_k=1, max_new_tokens=n, min_prob=args.min_prob)
-            for name, eng in qeng.items():
-                runners[f"{name} {quant} b2 d2 k1 compiled"] = engine_runner(eng, chain)
-            q_auto, q_profile = autotune(
-                qeng["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob)
-            )
-            runners[f"dovetail {quant} auto compiled"] = engine_runner(qeng["dovetail"], q_auto)
-            notes[f"{quant} compiled auto choice"] = f"budget {q_auto.budget} depth {q_auto.depth} top_k {q_auto.top_k}"
-            notes[f"{quant} compiled auto profile"] = q_profile
+        add_compiled(bf16, None, 8, 6, 4)
+        for quant in args.quant:  # weight-only quantized targets verify short drafts only: a 2-token chain
+            add_compiled(target_for(args.target, "bfloat16", quant=quant), quant, 2, 2, 1)
         compile_s = time.perf_counter() - t0
     for run in runners.values():  # warm-up
         run(prompts[0][:64] if len(prompts[0]) > 64 else prompts[0])
