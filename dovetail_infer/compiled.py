@@ -43,8 +43,10 @@ class CompiledForward:
     """Drop-in for `forward(*inputs, positions, mask, cache, start)` on a static cache: `LlamaModel`
     (inputs: token ids (1, T)) or `DraftModel` (inputs: features and embeddings (1, T, D))."""
 
-    def __init__(self, model: torch.nn.Module, buckets: tuple[int, ...] = BUCKETS, skip_guards: bool = True) -> None:
-        self.model, self.buckets, self.skip_guards = model, tuple(sorted(buckets)), skip_guards
+    def __init__(
+        self, model: torch.nn.Module, buckets: tuple[int, ...] = BUCKETS, skip_guards: bool = True, exact: bool = True
+    ) -> None:
+        self.model, self.buckets, self.skip_guards, self.exact = model, tuple(sorted(buckets)), skip_guards, exact
         _raise_recompile_limit(1024)
         self._fn = torch.compile(self._static, dynamic=False)
         self.compile_s = 0.0
@@ -61,8 +63,12 @@ class CompiledForward:
         return contextlib.nullcontext()
 
     def _run(self, args: tuple, key: tuple[int, int]) -> torch.Tensor:
-        # freezing: weights become constants (needed to lower the prepacked oneDNN linears; compile-time only)
-        with inductor_config.patch(freezing=True), self._stance(key):
+        # freezing: weights become constants (needed to lower the prepacked oneDNN linears; compile-time only).
+        # emulate_precision_casts: round to bf16 between fused ops where eager does. Without it a fused kernel
+        # keeps some intermediates in fp32 depending on the bucket's fusion choices, so the same token got a
+        # different hidden state alone than among 5 (from layer 4 of 30 on, SmolLM2 int4) and greedy
+        # speculative decoding drifted from one-token decoding at near-ties.
+        with inductor_config.patch(freezing=True, emulate_precision_casts=self.exact), self._stance(key):
             return self._fn(*args)
 
     def bucket(self, t: int) -> int | None:
