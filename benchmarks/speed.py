@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--skip-hf-fp32", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows")
     ap.add_argument("--quant", nargs="*", default=["int4"], help="weight-only quantized targets (compiled rows)")
+    ap.add_argument("--max-autotune", action="store_true", help="also bf16 rows with infer.compile=max-autotune")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,32 +141,44 @@ def main() -> None:
     )
     runners["dovetail auto"] = engine_runner(engines["dovetail"], auto_cfg)
 
-    def add_compiled(target: Target, quant: str | None, budget: int, depth: int, top_k: int) -> None:
-        """Compiled rows on `target`: target-only, each draft at one shape, and `auto`. A quantized target is
-        a different model: its rows carry its name and are compared with its own target-only decoding."""
+    refs = {name: "ours target-only bf16" for name in runners}  # row -> the target-only row it must equal
+
+    def add_compiled(target: Target, quant: str | None, shapes, mode: str = "default", auto: bool = True) -> None:
+        """Compiled rows on `target`: target-only, each draft at each (budget, depth, top_k), and `auto`. A
+        quantized target is a different model: its rows carry its name and are compared with its own
+        target-only decoding; so are the rows of each compile mode."""
         tag = f" {quant}" if quant else ""
+        suffix = " compiled" + ("" if mode == "default" else f" {mode}")
         eng = {
-            k: Dovetail.from_pretrained(v, target, "cpu", draft_vocab=args.draft_vocab, compile=True)
+            k: Dovetail.from_pretrained(v, target, "cpu", draft_vocab=args.draft_vocab, compile=mode)
             for k, v in drafts.items()
         }
-        runners[f"ours target-only {quant or 'bf16'} compiled"] = engine_runner(
-            eng["dovetail"], base_cfg, baseline=True
-        )
-        cfg = InferConfig(budget=budget, depth=depth, top_k=top_k, max_new_tokens=n, min_prob=args.min_prob)
-        for name, e in eng.items():
-            runners[f"{name}{tag} b{budget} d{depth} k{top_k} compiled"] = engine_runner(e, cfg)
-        auto, prof = autotune(eng["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob))
-        runners[f"dovetail{tag} auto compiled"] = engine_runner(eng["dovetail"], auto)
-        key = f"{quant} compiled auto" if quant else "compiled auto"
-        notes[f"{key} choice"] = f"budget {auto.budget} depth {auto.depth} top_k {auto.top_k}"
-        notes[f"{key} profile"] = prof
+        ref = f"ours target-only {quant or 'bf16'}{suffix}"
+        runners[ref] = engine_runner(eng["dovetail"], base_cfg, baseline=True)
+        for budget, depth, top_k in shapes:
+            cfg = InferConfig(budget=budget, depth=depth, top_k=top_k, max_new_tokens=n, min_prob=args.min_prob)
+            for name, e in eng.items():
+                runners[f"{name}{tag} b{budget} d{depth} k{top_k}{suffix}"] = engine_runner(e, cfg)
+        if auto:
+            a, prof = autotune(eng["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob))
+            runners[f"dovetail{tag} auto{suffix}"] = engine_runner(eng["dovetail"], a)
+            key = f"{quant}{suffix} auto" if quant else f"{suffix.strip()} auto"
+            notes[f"{key} choice"] = f"budget {a.budget} depth {a.depth} top_k {a.top_k}"
+            notes[f"{key} profile"] = prof
+        for name in runners:
+            refs.setdefault(name, ref)
 
     compile_s = None
     if not args.no_compile:  # the same configurations with the target step under torch.compile (static shapes)
         t0 = time.perf_counter()
-        add_compiled(bf16, None, 8, 6, 4)
+        add_compiled(bf16, None, [(8, 6, 4)])
         for quant in args.quant:  # weight-only quantized targets verify short drafts only: a 2-token chain
-            add_compiled(target_for(args.target, "bfloat16", quant=quant), quant, 2, 2, 1)
+            add_compiled(target_for(args.target, "bfloat16", quant=quant), quant, [(2, 2, 1)])
+        if args.max_autotune:  # tuned products: no `auto` (it would compile buckets up to 17 at ~80 s each)
+            add_compiled(bf16, None, [(3, 3, 1), (4, 3, 2)], "max-autotune", auto=False)
+            for quant in args.quant:
+                q = target_for(args.target, "bfloat16", quant=quant)
+                add_compiled(q, quant, [(1, 1, 1), (2, 2, 1)], "max-autotune", auto=False)
         compile_s = time.perf_counter() - t0
     for run in runners.values():  # warm-up
         run(prompts[0][:64] if len(prompts[0]) > 64 else prompts[0])
@@ -179,11 +192,7 @@ def main() -> None:
     rows = []
     for name in runners:
         tps = statistics.median(passes[name])
-        # compiled kernels round differently: compiled rows are checked against compiled target-only decoding;
-        # a quantized target is another model: its rows against its own target-only decoding
-        quant = next((q for q in args.quant if f" {q} " in name), None)
-        ref_name = "ours target-only " + (quant or "bf16") + (" compiled" if name.endswith("compiled") else "")
-        ref = outputs[ref_name]
+        ref = outputs[refs.get(name, "ours target-only bf16")]
         same = None if "fp32" in name or "llama.cpp" in name else sum(a == b for a, b in zip(outputs[name], ref))
         rows.append(
             {

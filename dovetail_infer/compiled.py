@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 # 4: the int4 kernel's cost doubles past 4 rows (4 -> 5: ~8 -> ~14 ms of products), so short chains stop at 4
 BUCKETS = (1, 2, 3, 4, 5, 9, 17, 33)
 
+# "max-autotune": inductor benchmarks its own C++ GEMM template for each weight product and keeps the
+# fastest blocking. SmolLM2 bf16, 1 new token: 12.8 vs 19.4 ms per forward (3 tokens: 16.0 vs 18.7), but
+# ~80 s of compiling per bucket instead of ~40. Only the C++ template is allowed: letting it race oneDNN
+# picks different kernels for different bucket sizes, and a token verified among others then rounds
+# differently from the same token decoded alone (measured); the template alone keeps every row's sum order.
+MODES = {"default": {}, "max-autotune": {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}}
+
 
 def _raise_recompile_limit(n: int) -> None:
     """Every CompiledForward shares one code object (`_static`), so its graphs for all models, buckets and
@@ -44,11 +51,20 @@ class CompiledForward:
     (inputs: token ids (1, T)) or `DraftModel` (inputs: features and embeddings (1, T, D))."""
 
     def __init__(
-        self, model: torch.nn.Module, buckets: tuple[int, ...] = BUCKETS, skip_guards: bool = True, exact: bool = True
+        self,
+        model: torch.nn.Module,
+        buckets: tuple[int, ...] = BUCKETS,
+        skip_guards: bool = True,
+        exact: bool = True,
+        mode: str = "default",
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"compile mode must be one of {sorted(MODES)}, got {mode!r}")
         self.model, self.buckets, self.skip_guards, self.exact = model, tuple(sorted(buckets)), skip_guards, exact
+        self.mode = mode
         _raise_recompile_limit(1024)
-        self._fn = torch.compile(self._static, dynamic=False)
+        # options: a backend of its own, so graphs of different modes are never mixed up in dynamo's cache
+        self._fn = torch.compile(self._static, dynamic=False, options=MODES[mode] or None)
         self.compile_s = 0.0
         self._seen: set[tuple[int, int]] = set()
 
@@ -140,8 +156,19 @@ class CompiledForward:
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_forward(model: torch.nn.Module) -> CompiledForward:
-    """One CompiledForward per model, so engines built on the same target (a sweep) share its graphs."""
-    if model not in _SHARED:
-        _SHARED[model] = CompiledForward(model)
-    return _SHARED[model]
+def compiled_forward(model: torch.nn.Module, mode: str = "default") -> CompiledForward:
+    """One CompiledForward per model and mode, so engines built on the same target (a sweep) share its graphs."""
+    per_model = _SHARED.setdefault(model, {})
+    if mode not in per_model:
+        per_model[mode] = CompiledForward(model, mode=mode)
+    return per_model[mode]
+
+
+def compile_mode(compile: bool | str | None) -> str | None:
+    """`infer.compile` -> a mode: false/None -> None (eager), true -> "default", or a name in MODES."""
+    if compile is None or compile is False or compile in ("false", "False", "none"):
+        return None
+    mode = "default" if compile is True or compile in ("true", "True") else str(compile)
+    if mode not in MODES:
+        raise ValueError(f"infer.compile must be false, true or one of {sorted(MODES)}, got {compile!r}")
+    return mode

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dovetail_infer.baseline import autoregressive, finish, next_token, sync
 from dovetail_infer.checkpoint import load_draft, load_token_counts
-from dovetail_infer.compiled import CompiledForward, compiled_forward
+from dovetail_infer.compiled import CompiledForward, compile_mode, compiled_forward
 from dovetail_infer.kv_cache import KVCache
 from dovetail_infer.models.draft import DraftModel
 from dovetail_infer.models.llama import PackedLinear, can_pack, pack_linears
@@ -106,11 +106,13 @@ class Dovetail:
         max_len: int | None = None,
         draft_vocab: int | None = None,
         token_counts: torch.Tensor | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         self.target = target
-        # the target's decode/verify forward: eager, or torch.compile'd with static shapes (see compiled.py)
-        self.t_forward = compiled_forward(target.model) if compile else target.model
+        # the target's decode/verify forward: eager, or torch.compile'd with static shapes (see compiled.py);
+        # compile="max-autotune" tunes the target's products (the draft's small step keeps the default mode)
+        mode = compile_mode(compile)
+        self.t_forward = compiled_forward(target.model, mode) if mode else target.model
         self.tdev = target.device
         self.ddev = torch.device(draft_device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ctx = target.config.max_position_embeddings
@@ -129,7 +131,7 @@ class Dovetail:
             if can_pack(self.ddev, ddtype):  # oneDNN-prepacked weights: ~2x faster few-row products
                 self.draft = pack_linears(copy.deepcopy(self.draft))
                 self.d_head_fn = PackedLinear(head)
-            self.d_forward = compiled_forward(self.draft) if compile else self.draft
+            self.d_forward = compiled_forward(self.draft) if mode else self.draft
         self._tcache: KVCache | None = None
         self._dcache: KVCache | None = None
 
@@ -155,7 +157,7 @@ class Dovetail:
         draft_device: str | None = None,
         draft_vocab: int | None = None,
         draft_dtype: torch.dtype | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> Dovetail:
         """Load an exported draft dir; refuses a draft trained for another target.
 

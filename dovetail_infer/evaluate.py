@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from dovetail_infer.autotune import CANDIDATES, autotune
 from dovetail_infer.bench import bench_names, conversation, load_bench
 from dovetail_infer.checkpoint import CONFIG, read_meta
+from dovetail_infer.compiled import compile_mode
 from dovetail_infer.engine import Dovetail, InferConfig
 from dovetail_infer.models.target import Target, load_target
 from dovetail_infer.outdir import check_output_dir
@@ -262,6 +263,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     infer["budgets"] = [b if b == "auto" else int(b) for b in (infer["budgets"] or [infer["budget"]])]
     for b in infer["budgets"]:  # budget / depth / top_k <= 0 fail here, before any model is loaded
         _infer_config(infer, 1 if b == "auto" else b, 0)
+    compile_mode(infer["compile"])  # a bad infer.compile fails here too
     bench_cfg = cfg.get("bench") or {"name": "humaneval_pkg"}
     benches = {
         n: load_bench(n, bench_cfg.get("root"), bench_cfg.get("path"), bench_cfg.get("limit"))
@@ -272,7 +274,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     target = target or load_eval_target(cfg)
     draft_device = resolve_device(infer["draft_device"])
     engine = Dovetail.from_pretrained(
-        str(ckpt), target, draft_device=draft_device, draft_vocab=infer["draft_vocab"], compile=bool(infer["compile"])
+        str(ckpt), target, draft_device=draft_device, draft_vocab=infer["draft_vocab"], compile=infer["compile"]
     )
     meta = {
         "seed": seed,
@@ -284,7 +286,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
         "draft_layers": draft_cfg.get("depth"),
         "fusion": draft_cfg.get("fusion"),
         "draft_params": draft_meta.get("trainable_params"),
-        "compiled": bool(infer["compile"]),
+        "compiled": compile_mode(infer["compile"]) or False,
     }
     (out / "eval_config.json").write_text(json.dumps({**cfg, "infer": infer}, indent=2, default=str))
     rows = []

@@ -126,3 +126,26 @@ def test_smollm2_compiled_speculative_equals_compiled_decoding(quant):
             assert torch.equal(five, ones)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_compile_modes_are_checked_and_kept_apart(tiny_target):
+    from dovetail_infer.compiled import compile_mode, compiled_forward
+
+    assert [compile_mode(x) for x in (False, None, True, "max-autotune")] == [None, None, "default", "max-autotune"]
+    with pytest.raises(ValueError, match="infer.compile must be"):
+        compile_mode("fast")
+    with pytest.raises(ValueError, match="compile mode must be"):
+        CompiledForward(tiny_target.model, mode="fast")
+    a, b = compiled_forward(tiny_target.model), compiled_forward(tiny_target.model, "max-autotune")
+    assert a is compiled_forward(tiny_target.model, "default") and a is not b and b.mode == "max-autotune"
+    assert Dovetail(tiny_target, None, "cpu", compile="max-autotune").t_forward is b
+
+
+def test_max_autotune_target_step_stays_lossless(tiny_target):
+    ids = prompt(tiny_target, 0)
+    ref = hf_greedy(tiny_target, ids, 16)
+    eng = Dovetail(tiny_target, CheatDraft(tiny_target, ids + ref), "cpu", compile="max-autotune")
+    assert eng.generate_baseline(ids, InferConfig(max_new_tokens=16)).output_ids == ref
+    r = eng.generate(ids, InferConfig(budget=4, depth=4, top_k=1, max_new_tokens=16))
+    assert r.output_ids == ref and r.tau > 1.5
+    assert eng.t_forward.mode == "max-autotune" and {1, 5} <= {tb for tb, _ in eng.t_forward._seen}
