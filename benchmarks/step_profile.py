@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 9, 17])
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--max-autotune", action="store_true", help="also compiled with infer.compile=max-autotune")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_profile"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,17 +107,19 @@ def main() -> None:
             spec_from_yaml(yaml, ROOT / "data" / "cache", dtype=args.dtype, quant=quant)
         ).model
     cfg = next(iter(weights.values())).config
-    # the runs: eager and compiled on the float weights, compiled on each quantized one
-    runs_of = {f"{args.dtype} eager": (weights[args.dtype], False)}
-    runs_of.update({f"{w} compiled": (m, True) for w, m in weights.items()})
+    # the runs: eager and compiled on the float weights, compiled on each quantized one (and max-autotune)
+    runs_of: dict[str, tuple[torch.nn.Module, str | None]] = {f"{args.dtype} eager": (weights[args.dtype], None)}
+    runs_of.update({f"{w} compiled": (m, "default") for w, m in weights.items()})
+    if args.max_autotune:  # the products run inside inductor's C++ kernels there: the profile counts them in "rest"
+        runs_of.update({f"{w} compiled max-autotune": (m, "max-autotune") for w, m in weights.items()})
     torch.manual_seed(0)
     ctx = torch.randint(0, cfg.vocab_size, (1, args.context))
     state = {}
     with torch.no_grad():
-        for name, (model, compiled) in runs_of.items():
+        for name, (model, mode) in runs_of.items():
             cache = KVCache.for_model(cfg, 512, dtype=model.embed_tokens.weight.dtype)  # the engine's size here
             model(ctx, cache=cache, start=0)
-            state[name] = (model, CompiledForward(model) if compiled else model, cache)
+            state[name] = (model, CompiledForward(model, mode=mode) if mode else model, cache)
         rows = []
         for k in args.k:
             ids = torch.randint(0, cfg.vocab_size, (1, k))
