@@ -154,30 +154,32 @@ def main() -> None:
             for k, v in drafts.items()
         }
         ref = f"ours target-only {quant or 'bf16'}{suffix}"
-        runners[ref] = engine_runner(eng["dovetail"], base_cfg, baseline=True)
+
+        def add(row: str, run: Runner) -> None:
+            runners[row], refs[row] = run, ref
+
+        add(ref, engine_runner(eng["dovetail"], base_cfg, baseline=True))
         for budget, depth, top_k in shapes:
             cfg = InferConfig(budget=budget, depth=depth, top_k=top_k, max_new_tokens=n, min_prob=args.min_prob)
             for name, e in eng.items():
-                runners[f"{name}{tag} b{budget} d{depth} k{top_k}{suffix}"] = engine_runner(e, cfg)
+                add(f"{name}{tag} b{budget} d{depth} k{top_k}{suffix}", engine_runner(e, cfg))
         if auto:
             a, prof = autotune(eng["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob))
-            runners[f"dovetail{tag} auto{suffix}"] = engine_runner(eng["dovetail"], a)
+            add(f"dovetail{tag} auto{suffix}", engine_runner(eng["dovetail"], a))
             key = f"{quant}{suffix} auto" if quant else f"{suffix.strip()} auto"
             notes[f"{key} choice"] = f"budget {a.budget} depth {a.depth} top_k {a.top_k}"
             notes[f"{key} profile"] = prof
-        for name in runners:
-            refs.setdefault(name, ref)
 
     compile_s = None
     if not args.no_compile:  # the same configurations with the target step under torch.compile (static shapes)
         t0 = time.perf_counter()
+        quantized = {q: target_for(args.target, "bfloat16", quant=q) for q in args.quant}
         add_compiled(bf16, None, [(8, 6, 4)])
-        for quant in args.quant:  # weight-only quantized targets verify short drafts only: a 2-token chain
-            add_compiled(target_for(args.target, "bfloat16", quant=quant), quant, [(2, 2, 1)])
+        for quant, q in quantized.items():  # weight-only quantized targets verify short drafts only: a 2-token chain
+            add_compiled(q, quant, [(2, 2, 1)])
         if args.max_autotune:  # tuned products: no `auto` (it would compile buckets up to 17 at ~80 s each)
             add_compiled(bf16, None, [(3, 3, 1), (4, 3, 2)], "max-autotune", auto=False)
-            for quant in args.quant:
-                q = target_for(args.target, "bfloat16", quant=quant)
+            for quant, q in quantized.items():
                 add_compiled(q, quant, [(1, 1, 1), (2, 2, 1)], "max-autotune", auto=False)
         compile_s = time.perf_counter() - t0
     for run in runners.values():  # warm-up
@@ -192,7 +194,7 @@ def main() -> None:
     rows = []
     for name in runners:
         tps = statistics.median(passes[name])
-        ref = outputs[refs.get(name, "ours target-only bf16")]
+        ref = outputs[refs[name]]
         same = None if "fp32" in name or "llama.cpp" in name else sum(a == b for a, b in zip(outputs[name], ref))
         rows.append(
             {

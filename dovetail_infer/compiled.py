@@ -58,13 +58,11 @@ class CompiledForward:
         model: torch.nn.Module,
         buckets: tuple[int, ...] = BUCKETS,
         skip_guards: bool = True,
-        exact: bool = True,
         mode: str = "default",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"compile mode must be one of {sorted(MODES)}, got {mode!r}")
-        self.model, self.buckets, self.skip_guards, self.exact = model, tuple(sorted(buckets)), skip_guards, exact
-        self.mode = mode
+        self.model, self.buckets, self.skip_guards, self.mode = model, tuple(sorted(buckets)), skip_guards, mode
         _raise_recompile_limit(1024)
         # options: a backend of its own, so graphs of different modes are never mixed up in dynamo's cache
         self._fn = torch.compile(self._static, dynamic=False, options=MODES[mode] or None)
@@ -87,7 +85,7 @@ class CompiledForward:
         # keeps some intermediates in fp32 depending on the bucket's fusion choices, so the same token got a
         # different hidden state alone than among 5 (from layer 4 of 30 on, SmolLM2 int4) and greedy
         # speculative decoding drifted from one-token decoding at near-ties.
-        with inductor_config.patch(freezing=True, emulate_precision_casts=self.exact), self._stance(key):
+        with inductor_config.patch(freezing=True, emulate_precision_casts=True), self._stance(key):
             return self._fn(*args)
 
     def bucket(self, t: int) -> int | None:

@@ -263,7 +263,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     infer["budgets"] = [b if b == "auto" else int(b) for b in (infer["budgets"] or [infer["budget"]])]
     for b in infer["budgets"]:  # budget / depth / top_k <= 0 fail here, before any model is loaded
         _infer_config(infer, 1 if b == "auto" else b, 0)
-    compile_mode(infer["compile"])  # a bad infer.compile fails here too
+    mode = compile_mode(infer["compile"])  # a bad infer.compile fails here too
     bench_cfg = cfg.get("bench") or {"name": "humaneval_pkg"}
     benches = {
         n: load_bench(n, bench_cfg.get("root"), bench_cfg.get("path"), bench_cfg.get("limit"))
@@ -274,7 +274,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     target = target or load_eval_target(cfg)
     draft_device = resolve_device(infer["draft_device"])
     engine = Dovetail.from_pretrained(
-        str(ckpt), target, draft_device=draft_device, draft_vocab=infer["draft_vocab"], compile=infer["compile"]
+        str(ckpt), target, draft_device=draft_device, draft_vocab=infer["draft_vocab"], compile=mode or False
     )
     meta = {
         "seed": seed,
@@ -286,7 +286,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
         "draft_layers": draft_cfg.get("depth"),
         "fusion": draft_cfg.get("fusion"),
         "draft_params": draft_meta.get("trainable_params"),
-        "compiled": compile_mode(infer["compile"]) or False,
+        "compiled": mode or False,
     }
     (out / "eval_config.json").write_text(json.dumps({**cfg, "infer": infer}, indent=2, default=str))
     rows = []

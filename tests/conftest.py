@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,15 +22,24 @@ def target_spec(name: str, **overrides) -> dict:
     return spec_from_yaml(ROOT / "conf" / "target" / f"{name}.yaml", CACHE, **overrides)
 
 
+@contextmanager
+def num_threads(n: int):
+    """torch's thread count set to n inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from 2 threads, and 2 spinning threads collapse on a busy 2-core machine.
 
     Use per module: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with num_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import num_threads, target_spec
 from test_engine import CheatDraft, compactions, hf_greedy, prompt
 
 from dovetail_infer.compiled import CompiledForward
 from dovetail_infer.engine import Dovetail, InferConfig
 from dovetail_infer.kv_cache import KVCache
+from dovetail_infer.models.target import load_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,14 +98,8 @@ def test_smollm2_compiled_speculative_equals_compiled_decoding(quant):
     it gets decoded alone (inductor rounds to bf16 between fused ops as eager does; without that the
     buckets' fusion choices rounded differently from layer 4 on), so greedy chain drafts give exactly the
     compiled one-token decoding, which equals eager decoding."""
-    from conftest import target_spec
-
-    from dovetail_infer.models.target import load_target
-
     target = load_target(target_spec("smollm2_135m", dtype="bfloat16", quant=quant))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         step = CompiledForward(target.model, buckets=(1, 5))  # two graphs: decoding, and drafts of up to 4 tokens
         base = Dovetail(target, None, "cpu", compile=True)
         base.t_forward = step
@@ -124,8 +120,6 @@ def test_smollm2_compiled_speculative_equals_compiled_decoding(quant):
             five = step(x[:, 100:], cache=caches[0], start=100)
             ones = torch.cat([step(x[:, 100 + i : 101 + i], cache=caches[1], start=100 + i) for i in range(5)], 1)
             assert torch.equal(five, ones)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_compile_modes_are_checked_and_kept_apart(tiny_target):

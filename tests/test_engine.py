@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import target_spec
+from conftest import num_threads, target_spec
 
 from dovetail_infer import engine
 from dovetail_infer.checkpoint import save_draft
@@ -264,9 +264,7 @@ def test_smollm2_bfloat16_chains_equal_one_token_decoding(quant):
     attention sums, which changes how the kernels group the additions: they may part, only at a near-tie."""
     target = load_target(target_spec("smollm2_135m", dtype="bfloat16", quant=quant))
     base = Dovetail(target, None, "cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # how the kernels split their work depends on the thread count: test the real one
-    try:
+    with num_threads(2):  # how the kernels split their work depends on the thread count: test the real one
         for i in range(3):
             ids = prompt(target, i)
             ref = base.generate_baseline(ids, InferConfig(max_new_tokens=40)).output_ids
@@ -277,8 +275,6 @@ def test_smollm2_bfloat16_chains_equal_one_token_decoding(quant):
             out = cheat.generate(ids, InferConfig(budget=16, depth=8, top_k=4, max_new_tokens=40)).output_ids
             j = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)
             assert j is None or near_tie(target, ids + ref[:j], out[j], ref[j])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_reduced_draft_vocab_stays_lossless_and_proposes_only_frequent_tokens(tiny_target, tmp_path):
