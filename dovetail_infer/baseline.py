@@ -9,7 +9,7 @@ import torch
 
 from dovetail_infer.kv_cache import KVCache
 from dovetail_infer.models.llama import LlamaModel
-from dovetail_infer.sampling import probs
+from dovetail_infer.sampling import argmax, probs
 
 
 def sync(*devices: torch.device) -> None:
@@ -20,7 +20,7 @@ def sync(*devices: torch.device) -> None:
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     """Greedy (temperature 0) or sampled from `probs` for one row of logits (V,)."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return int(argmax(logits))
     return int(torch.multinomial(probs(logits, temperature, top_p), 1, generator=gen))
 
 

@@ -43,6 +43,12 @@ def log_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> t
     return probs(logits, temperature, top_p).log()
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum along the last dim, as `Tensor.argmax` (ties and NaN alike), but through
+    `max`: on this CPU bf16 argmax over a 49k vocabulary costs ~180 us a row, `max` ~45 us (measured)."""
+    return logits.max(-1).indices
+
+
 def gumbel_pick(log_q: torch.Tensor, k: int, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """k children per row sampled without replacement from q (Gumbel-top-k), in draw order.
 
@@ -60,7 +66,7 @@ def gumbel_pick(log_q: torch.Tensor, k: int, gen: torch.Generator | None = None)
 def greedy_accept(tree: DraftTree, target_logits: torch.Tensor) -> tuple[list[int], int]:
     """Walk from the root following the target's argmax. target_logits (N+1, V) at the tree's nodes.
     Returns the accepted node path (starting with the root, 0) and the target's bonus token."""
-    best = target_logits.argmax(-1).tolist()
+    best = argmax(target_logits).tolist()
     kids = tree.children()
     path = [0]
     while True:

@@ -143,3 +143,15 @@ def test_max_autotune_target_step_stays_lossless(tiny_target):
     r = eng.generate(ids, InferConfig(budget=4, depth=4, top_k=1, max_new_tokens=16))
     assert r.output_ids == ref and r.tau > 1.5
     assert eng.t_forward.mode == "max-autotune" and {1, 5} <= {tb for tb, _ in eng.t_forward._seen}
+
+
+def test_compiled_cache_fits_each_request_eager_cache_only_grows(tiny_target, monkeypatch):
+    """A compiled step attends over its whole cache buffer, so a short prompt after a long one gets a small
+    cache again; eager attention reads only the filled prefix, so there the cache just grows."""
+    monkeypatch.setattr(CompiledForward, "warmup", lambda *a, **k: 0.0)  # sizes only: nothing to compile
+    compiled = Dovetail(tiny_target, None, "cpu", compile=True)
+    eager = Dovetail(tiny_target, None, "cpu")
+    needs = (100, 900, 100, 1500)
+    assert [compiled._caches(n, 0)[0].max_len for n in needs] == [512, 1024, 512, 1536]
+    assert [eager._caches(n, 0)[0].max_len for n in needs] == [256, 1024, 1024, 1536]
+    assert compiled._caches(2040, 0, t_new=9)[0].max_len == 2049  # the context (2048) plus a padded bucket

@@ -10,7 +10,7 @@ import torch
 from dovetail_infer.engine import Dovetail, InferConfig
 from dovetail_infer.models.draft import DraftConfig, DraftModel
 from dovetail_infer.models.target import load_target
-from dovetail_infer.sampling import greedy_accept, gumbel_pick, probs, sample_accept, verify_node
+from dovetail_infer.sampling import argmax, greedy_accept, gumbel_pick, probs, sample_accept, verify_node
 from dovetail_infer.tree import DraftTree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,6 +41,16 @@ def test_probs_top_p():
     p = probs(logits, 1.0, top_p=0.8)
     assert (p[2:] == 0).all() and torch.isclose(p.sum(), torch.tensor(1.0))
     assert (probs(logits, 1.0, top_p=0.1) == torch.tensor([1.0, 0, 0, 0])).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_is_torch_argmax_with_ties_and_nan(dtype):
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (64, 4099)).to(dtype)  # every row has many tied maxima
+    x[5, 11] = x[5, 700] = float("nan")
+    assert torch.equal(argmax(x), x.argmax(-1))
+    assert argmax(x).tolist()[5] == 11
+    assert all(int(argmax(row)) == int(row.argmax()) for row in x[:8])
 
 
 def test_greedy_accept_walks_argmax():
@@ -141,18 +151,23 @@ def exact_distribution(target, prompt: list[int], steps: int, temperature: float
 
 
 @pytest.mark.parametrize(
-    "cfg",
+    "cfg,draft_vocab",
     [
-        InferConfig(budget=6, depth=3, top_k=2, temperature=1.0, max_new_tokens=3),
-        InferConfig(budget=3, depth=3, top_k=1, temperature=0.7, top_p=0.9, max_new_tokens=3),
+        (InferConfig(budget=6, depth=3, top_k=2, temperature=1.0, max_new_tokens=3), None),
+        (InferConfig(budget=3, depth=3, top_k=1, temperature=0.7, top_p=0.9, max_new_tokens=3), None),
+        (InferConfig(budget=6, depth=3, top_k=2, temperature=1.0, max_new_tokens=3), 5),
     ],
-    ids=["tree-T1", "chain-T0.7-p0.9"],
+    ids=["tree-T1", "chain-T0.7-p0.9", "tree-T1-draft-vocab-5-of-8"],
 )
-def test_speculative_sampling_matches_target_distribution(cfg):
+def test_speculative_sampling_matches_target_distribution(cfg, draft_vocab):
+    """Lossless sampling, also when the draft proposes from a reduced vocabulary (its q rows are zero
+    outside it: the target still samples every token with its own probability)."""
     target = load_target(SMALL)
     torch.manual_seed(0)
     draft = DraftModel(DraftConfig.from_target(target.config, depth=1))
-    eng = Dovetail(target, draft, "cpu")
+    counts = torch.tensor([9, 1, 8, 7, 2, 6, 5, 3])  # draft vocabulary: tokens 0, 2, 3, 5, 6
+    eng = Dovetail(target, draft, "cpu", draft_vocab=draft_vocab, token_counts=counts)
+    assert draft_vocab is None or eng.d2t.tolist() == [0, 2, 3, 5, 6]
     prompt = [1, 4, 2, 7]
     exact = exact_distribution(target, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     n, V = 3000, target.config.vocab_size
