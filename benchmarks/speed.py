@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd rows")
     ap.add_argument("--quant", nargs="*", default=["int4"], help="weight-only quantized targets (compiled rows)")
     ap.add_argument("--max-autotune", action="store_true", help="also bf16 rows with infer.compile=max-autotune")
+    ap.add_argument("--draft-quant", nargs="*", default=[], help="also the Dovetail draft weight-only quantized")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,8 +130,17 @@ def main() -> None:
         notes["llama.cpp"] = "skipped: llama-cpp-python is not installed (pip install -e .[llamacpp])"
     else:
         runners["llama.cpp Q4_1"] = lc
-    drafts = {"dovetail": args.dovetail, **({"eagle": args.eagle} if args.eagle else {})}
-    engines = {k: Dovetail.from_pretrained(v, bf16, "cpu", draft_vocab=args.draft_vocab) for k, v in drafts.items()}
+    # row name -> (draft dir, draft_quant)
+    drafts = {"dovetail": (args.dovetail, None), **({"eagle": (args.eagle, None)} if args.eagle else {})}
+    drafts.update({f"dovetail[{q} draft]": (args.dovetail, q) for q in args.draft_quant})
+
+    def engines_on(target: Target, mode: str | bool = False) -> dict[str, Dovetail]:
+        return {
+            k: Dovetail.from_pretrained(d, target, "cpu", draft_vocab=args.draft_vocab, compile=mode, draft_quant=q)
+            for k, (d, q) in drafts.items()
+        }
+
+    engines = engines_on(bf16)
     for name, eng in engines.items():
         shapes = [(b, b, 1) for b in args.budgets] + [(8, 6, 4)]
         for b, d, k in shapes:
@@ -149,10 +159,7 @@ def main() -> None:
         target-only decoding; so are the rows of each compile mode."""
         tag = f" {quant}" if quant else ""
         suffix = " compiled" + ("" if mode == "default" else f" {mode}")
-        eng = {
-            k: Dovetail.from_pretrained(v, target, "cpu", draft_vocab=args.draft_vocab, compile=mode)
-            for k, v in drafts.items()
-        }
+        eng = engines_on(target, mode)
         ref = f"ours target-only {quant or 'bf16'}{suffix}"
 
         def add(row: str, run: Runner) -> None:
@@ -221,6 +228,7 @@ def main() -> None:
         "auto_profile": profile,
         "compile_and_autotune_s": None if compile_s is None else round(compile_s, 1),
         "quant": args.quant,
+        "draft_quant": args.draft_quant,
         "notes": notes,
         "rows": rows,
     }

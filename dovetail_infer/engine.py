@@ -30,7 +30,15 @@ from dovetail_infer.checkpoint import load_draft, load_token_counts
 from dovetail_infer.compiled import CompiledForward, compile_mode, compiled_forward
 from dovetail_infer.kv_cache import KVCache
 from dovetail_infer.models.draft import DraftModel
-from dovetail_infer.models.llama import PackedLinear, can_pack, pack_linears
+from dovetail_infer.models.llama import (
+    QUANT_BITS,
+    PackedLinear,
+    QuantLinear,
+    can_pack,
+    pack_linears,
+    quantizable,
+    quantize_linears,
+)
 from dovetail_infer.models.target import Target
 from dovetail_infer.sampling import greedy_accept, gumbel_pick, log_probs, probs, sample_accept
 from dovetail_infer.tree import DraftTree, grow_tree, topk_pick
@@ -107,6 +115,7 @@ class Dovetail:
         draft_vocab: int | None = None,
         token_counts: torch.Tensor | None = None,
         compile: bool | str = False,
+        draft_quant: str | None = None,
     ) -> None:
         self.target = target
         # the target's decode/verify forward: eager, or torch.compile'd with static shapes (see compiled.py);
@@ -128,9 +137,19 @@ class Dovetail:
             head = torch.nn.Linear(self.d_head.shape[1], self.d_head.shape[0], bias=False, device="meta")
             head.weight = torch.nn.Parameter(self.d_head, requires_grad=False)
             self.d_head_fn: torch.nn.Module = head
+            if draft_quant:  # weight-only int8/int4 draft (CPU kernels); the target still decides every token
+                if draft_quant not in QUANT_BITS:
+                    raise ValueError(f"draft_quant must be null, int8 or int4, got {draft_quant!r}")
+                if self.ddev.type != "cpu":
+                    raise ValueError(f"draft_quant={draft_quant} uses CPU kernels: the draft runs on {self.ddev}")
+                self.draft = copy.deepcopy(self.draft)
+                quantize_linears(self.draft, draft_quant)
+                bits = QUANT_BITS[draft_quant]
+                self.d_head_fn = QuantLinear(head, bits) if quantizable(head, bits) else head
             if can_pack(self.ddev, ddtype):  # oneDNN-prepacked weights: ~2x faster few-row products
-                self.draft = pack_linears(copy.deepcopy(self.draft))
-                self.d_head_fn = PackedLinear(head)
+                self.draft = pack_linears(self.draft if draft_quant else copy.deepcopy(self.draft))
+                if isinstance(self.d_head_fn, torch.nn.Linear):
+                    self.d_head_fn = PackedLinear(head)
             self.d_forward = compiled_forward(self.draft) if mode else self.draft
         self._tcache: KVCache | None = None
         self._dcache: KVCache | None = None
@@ -158,6 +177,7 @@ class Dovetail:
         draft_vocab: int | None = None,
         draft_dtype: torch.dtype | None = None,
         compile: bool | str = False,
+        draft_quant: str | None = None,
     ) -> Dovetail:
         """Load an exported draft dir; refuses a draft trained for another target.
 
@@ -173,7 +193,9 @@ class Dovetail:
                 draft_vocab,
             )
             draft_vocab = None
-        return cls(target, draft, dev, draft_vocab=draft_vocab, token_counts=counts, compile=compile)
+        return cls(
+            target, draft, dev, draft_vocab=draft_vocab, token_counts=counts, compile=compile, draft_quant=draft_quant
+        )
 
     # ---- setup ----------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ INFER_DEFAULTS: dict[str, Any] = {
     "warmup": 1,
     "progress": True,
     "compile": False,
+    "draft_quant": None,
 }
 
 
@@ -274,7 +275,12 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     target = target or load_eval_target(cfg)
     draft_device = resolve_device(infer["draft_device"])
     engine = Dovetail.from_pretrained(
-        str(ckpt), target, draft_device=draft_device, draft_vocab=infer["draft_vocab"], compile=mode or False
+        str(ckpt),
+        target,
+        draft_device=draft_device,
+        draft_vocab=infer["draft_vocab"],
+        compile=mode or False,
+        draft_quant=infer["draft_quant"],
     )
     meta = {
         "seed": seed,
@@ -287,6 +293,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
         "fusion": draft_cfg.get("fusion"),
         "draft_params": draft_meta.get("trainable_params"),
         "compiled": mode or False,
+        "draft_quant": infer["draft_quant"],
     }
     (out / "eval_config.json").write_text(json.dumps({**cfg, "infer": infer}, indent=2, default=str))
     rows = []

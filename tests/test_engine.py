@@ -12,6 +12,7 @@ from dovetail_infer.checkpoint import save_draft
 from dovetail_infer.engine import Dovetail, InferConfig
 from dovetail_infer.kv_cache import KVCache
 from dovetail_infer.models.draft import DraftConfig, DraftModel
+from dovetail_infer.models.llama import QUANT_BITS, QuantLinear
 from dovetail_infer.models.target import Target, load_target
 
 CHATS = ["Hi there!", "Write a haiku about the sea.", "What is 17 * 3?"]
@@ -275,6 +276,24 @@ def test_smollm2_bfloat16_chains_equal_one_token_decoding(quant):
             out = cheat.generate(ids, InferConfig(budget=16, depth=8, top_k=4, max_new_tokens=40)).output_ids
             j = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)
             assert j is None or near_tie(target, ids + ref[:j], out[j], ref[j])
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_draft_stays_lossless_and_keeps_the_callers_draft(tiny_target, quant):
+    n, ids = 32, prompt(tiny_target, 2)
+    ref = hf_greedy(tiny_target, ids, n)
+    draft = CheatDraft(tiny_target, ids + ref, noise=0.1)
+    eng = Dovetail(tiny_target, draft, "cpu", draft_quant=quant)
+    quantized = [m for m in eng.draft.modules() if isinstance(m, QuantLinear)]
+    assert quantized and all(m.bits == QUANT_BITS[quant] for m in quantized)
+    assert isinstance(eng.d_head_fn, QuantLinear)
+    assert not any(isinstance(m, QuantLinear) for m in draft.modules())  # the caller's draft is untouched
+    r = eng.generate(ids, InferConfig(budget=6, depth=4, top_k=2, max_new_tokens=n))
+    assert r.output_ids == ref
+    plain = Dovetail(tiny_target, draft, "cpu").generate(ids, InferConfig(budget=6, depth=4, top_k=2, max_new_tokens=n))
+    assert r.tau > max(1.5, 0.75 * plain.tau)  # the quantized draft still proposes mostly what the draft does
+    with pytest.raises(ValueError, match="draft_quant"):
+        Dovetail(tiny_target, draft, "cpu", draft_quant="int3")
 
 
 def test_reduced_draft_vocab_stays_lossless_and_proposes_only_frequent_tokens(tiny_target, tmp_path):
