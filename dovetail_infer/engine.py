@@ -137,18 +137,20 @@ class Dovetail:
             head = torch.nn.Linear(self.d_head.shape[1], self.d_head.shape[0], bias=False, device="meta")
             head.weight = torch.nn.Parameter(self.d_head, requires_grad=False)
             self.d_head_fn: torch.nn.Module = head
+            pack = can_pack(self.ddev, ddtype)  # oneDNN-prepacked weights: ~2x faster few-row products
+            if draft_quant or pack:  # the linears are swapped below: the caller's draft stays as it was
+                self.draft = copy.deepcopy(self.draft)
             if draft_quant:  # weight-only int8/int4 draft (CPU kernels); the target still decides every token
                 if draft_quant not in QUANT_BITS:
                     raise ValueError(f"draft_quant must be null, int8 or int4, got {draft_quant!r}")
                 if self.ddev.type != "cpu":
                     raise ValueError(f"draft_quant={draft_quant} uses CPU kernels: the draft runs on {self.ddev}")
-                self.draft = copy.deepcopy(self.draft)
                 quantize_linears(self.draft, draft_quant)
-                bits = QUANT_BITS[draft_quant]
-                self.d_head_fn = QuantLinear(head, bits) if quantizable(head, bits) else head
-            if can_pack(self.ddev, ddtype):  # oneDNN-prepacked weights: ~2x faster few-row products
-                self.draft = pack_linears(self.draft if draft_quant else copy.deepcopy(self.draft))
-                if isinstance(self.d_head_fn, torch.nn.Linear):
+                if quantizable(head, QUANT_BITS[draft_quant]):
+                    self.d_head_fn = QuantLinear(head, QUANT_BITS[draft_quant])
+            if pack:  # what quantization left as nn.Linear, as the target's loader does
+                pack_linears(self.draft)
+                if self.d_head_fn is head:
                     self.d_head_fn = PackedLinear(head)
             self.d_forward = compiled_forward(self.draft) if mode else self.draft
         self._tcache: KVCache | None = None
