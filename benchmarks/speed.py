@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -108,6 +109,9 @@ def main() -> None:
     ap.add_argument("--quant", nargs="*", default=["int4"], help="weight-only quantized targets (compiled rows)")
     ap.add_argument("--max-autotune", action="store_true", help="also bf16 rows with infer.compile=max-autotune")
     ap.add_argument("--draft-quant", nargs="*", default=[], help="also the Dovetail draft weight-only quantized")
+    ap.add_argument(
+        "--lookup", type=int, nargs="*", default=[], help="also rows with infer.lookup=N (target-only and Dovetail)"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,6 +154,11 @@ def main() -> None:
         engines["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob)
     )
     runners["dovetail auto"] = engine_runner(engines["dovetail"], auto_cfg)
+    for lk in args.lookup:  # prompt lookup: with no draft (prompt-lookup decoding) and before the draft's chains
+        runners[f"ours target-only + lookup{lk}"] = engine_runner(ours, InferConfig(max_new_tokens=n, lookup=lk))
+        for b in args.budgets:
+            cfg = InferConfig(budget=b, depth=b, top_k=1, max_new_tokens=n, min_prob=args.min_prob, lookup=lk)
+            runners[f"dovetail b{b} d{b} k1 + lookup{lk}"] = engine_runner(engines["dovetail"], cfg)
 
     refs = {name: "ours target-only bf16" for name in runners}  # row -> the target-only row it must equal
 
@@ -166,10 +175,19 @@ def main() -> None:
             runners[row], refs[row] = run, ref
 
         add(ref, engine_runner(eng["dovetail"], base_cfg, baseline=True))
+        plain = Dovetail(target, None, "cpu", compile=mode)  # shares the compiled target graphs
+        for lk in args.lookup:
+            add(
+                f"ours target-only {quant or 'bf16'} + lookup{lk}{suffix}",
+                engine_runner(plain, replace(base_cfg, lookup=lk)),
+            )
         for budget, depth, top_k in shapes:
             cfg = InferConfig(budget=budget, depth=depth, top_k=top_k, max_new_tokens=n, min_prob=args.min_prob)
             for name, e in eng.items():
                 add(f"{name}{tag} b{budget} d{depth} k{top_k}{suffix}", engine_runner(e, cfg))
+                for lk in args.lookup if name.startswith("dovetail") else ():
+                    row = f"{name}{tag} b{budget} d{depth} k{top_k} + lookup{lk}{suffix}"
+                    add(row, engine_runner(e, replace(cfg, lookup=lk)))
         if auto:
             a, prof = autotune(eng["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob))
             add(f"dovetail{tag} auto{suffix}", engine_runner(eng["dovetail"], a))
@@ -229,6 +247,7 @@ def main() -> None:
         "compile_and_autotune_s": None if compile_s is None else round(compile_s, 1),
         "quant": args.quant,
         "draft_quant": args.draft_quant,
+        "lookup": args.lookup,
         "notes": notes,
         "rows": rows,
     }

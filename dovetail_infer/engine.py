@@ -9,6 +9,10 @@ as in training. A tree node at depth d (sequence position L+d, L = committed len
 its parent's *predicted* feature at position L+d-1, written past the draft cache's committed length
 as scratch under a tree mask; after verification the scratch is overwritten by the accepted tokens
 paired with their *true* target features.
+
+Prompt lookup (`InferConfig.lookup`): when the text so far ends in an n-gram that appeared before, the
+tokens that followed it are verified as a chain instead of a draft tree (no draft forward that step);
+the draft still commits every accepted token with its true feature, so it stays in sync.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dovetail_infer.baseline import autoregressive, finish, next_token, sync
 from dovetail_infer.checkpoint import load_draft, load_token_counts
 from dovetail_infer.compiled import CompiledForward, compile_mode, compiled_forward
 from dovetail_infer.kv_cache import KVCache
+from dovetail_infer.lookup import NGramIndex
 from dovetail_infer.models.draft import DraftModel
 from dovetail_infer.models.llama import (
     QUANT_BITS,
@@ -55,6 +60,9 @@ class InferConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     min_prob: float = 0.0  # greedy: stop drafting below this cumulative draft probability (0 = full depth)
+    # prompt lookup: when the text so far ends in an n-gram seen before (prompt or answer), verify up to this
+    # many tokens that followed it as a chain instead of drafting (no draft step; 0 = off)
+    lookup: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +76,8 @@ class InferConfig:
             raise ValueError(f"InferConfig.min_prob must be in [0, 1), got {self.min_prob!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"InferConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.lookup, bool) or not isinstance(self.lookup, int) or self.lookup < 0:
+            raise ValueError(f"InferConfig.lookup must be an integer >= 0 (0 = off), got {self.lookup!r}")
 
 
 @dataclass
@@ -86,6 +96,8 @@ class GenerationResult:
     other_s: float = 0.0
     transfer_bytes: int = 0
     tokens_per_s: float = 0.0
+    lookup_forwards: int = 0  # forwards that verified a prompt-lookup chain instead of a draft tree
+    lookup_accepted: int = 0  # looked-up tokens those forwards accepted
 
 
 class _Clock:
@@ -307,7 +319,7 @@ class Dovetail:
     def generate(self, prompt_ids: list[int], cfg: InferConfig | None = None) -> GenerationResult:
         """Speculative decoding of one prompt; greedy output equals the target's own, sampling is lossless."""
         cfg = cfg or InferConfig()
-        budget = self._budget(cfg)
+        budget = max(self._budget(cfg), cfg.lookup)  # rows verified beyond the root, at most
         self._check(prompt_ids, cfg, budget)
         n, model, eos = len(prompt_ids), self.target.model, self.target.eos_ids
         tc, dc = self._caches(
@@ -333,20 +345,29 @@ class Dovetail:
                 nbytes += h.numel() * h.element_size() + 8 * n
                 dc.reset()
                 pred = self._draft_step(feats, list(prompt_ids[1:]) + out, 0)
+            index = NGramIndex(list(prompt_ids) + out) if cfg.lookup else None
 
         t_decode = time.perf_counter()
-        forwards, accept_lengths, per_depth = 0, [], [0] * cfg.depth
+        forwards, accept_lengths, per_depth = 0, [], [0] * max(cfg.depth, cfg.lookup)
+        lookups = lookup_accepted = 0
         while not stop:
             root = out[-1]
             with clock("draft"):
-                tree, dists = (
-                    self._grow(root, pred, cfg, dgen) if self.draft is not None else (DraftTree.root_only(root), {})
-                )
+                look = index.propose(cfg.lookup) if index is not None else []
+                if look:  # the text repeats an n-gram seen before: verify what followed it, no draft step
+                    tree, dists = DraftTree.chain(root, look), {}
+                elif self.draft is not None:
+                    tree, dists = self._grow(root, pred, cfg, dgen)
+                else:
+                    tree, dists = DraftTree.root_only(root), {}
             with clock("transfer"):  # token ids and parents (and the q rows sampling verifies with)
                 ids = torch.tensor(tree.tokens, device=self.tdev)
                 nbytes += 16 * len(tree.tokens)
                 q_rows = {}
-                if sampling:
+                if sampling and look:  # a looked-up token was proposed with certainty: q is one-hot
+                    V = self.target.config.vocab_size
+                    q_rows = {i: F.one_hot(ids[i + 1], V).double() for i in range(len(look))}
+                elif sampling:
                     for node in {p for p in tree.parents if p >= 0}:
                         q_rows[node] = self._full_vocab(dists[tree.cand[node]].exp()).to(self.tdev)
                         nbytes += q_rows[node].numel() * q_rows[node].element_size()
@@ -363,10 +384,14 @@ class Dovetail:
                 tc.commit([L + i for i in path], start=L)
             forwards += 1
             accept_lengths.append(len(path) - 1)
+            if look:
+                lookups, lookup_accepted = lookups + 1, lookup_accepted + len(path) - 1
             for d in range(len(path) - 1):
                 per_depth[d] += 1
             new, stop = finish([tree.tokens[i] for i in path[1:]] + [bonus], eos, cfg.max_new_tokens - len(out))
             out += new
+            if index is not None:
+                index.extend(new)
             if stop or self.draft is None:
                 continue
             with clock("transfer"):  # accepted tokens and their true features back to the draft
@@ -392,6 +417,8 @@ class Dovetail:
             other_s=max(decode_s - s["draft"] - s["verify"] - s["transfer"], 0.0),
             transfer_bytes=nbytes,
             tokens_per_s=len(out) / decode_s if decode_s > 0 else 0.0,
+            lookup_forwards=lookups,
+            lookup_accepted=lookup_accepted,
         )
 
     @torch.no_grad()

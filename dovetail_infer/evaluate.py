@@ -46,6 +46,7 @@ INFER_DEFAULTS: dict[str, Any] = {
     "top_k": 4,
     "draft_vocab": 4096,
     "min_prob": 0.2,
+    "lookup": 0,
     "temperature": 0.0,
     "top_p": 1.0,
     "max_new_tokens": 128,
@@ -113,6 +114,8 @@ def _record(prompt: dict[str, Any], res: Any, tokenizer: Any) -> dict[str, Any]:
         tokens_per_s=tps,
         accept_lengths=[int(a) for a in (getattr(res, "accept_lengths", None) or [])],
         transfer_bytes=getattr(res, "transfer_bytes", None),
+        lookup_forwards=int(getattr(res, "lookup_forwards", 0)),
+        lookup_accepted=int(getattr(res, "lookup_accepted", 0)),
     )
     rec.update({k: getattr(res, k, None) for k in TIME_KEYS})
     return rec
@@ -214,7 +217,10 @@ def evaluate_bench(engine, target: Target, name: str, questions: list, infer: di
         row["peak_draft_mem_mb"] = torch.cuda.max_memory_allocated(meta["draft_device"]) / 2**20 if cuda else None
         row["peak_rss_mb"] = peak_rss_mb()
         row.update(
-            {k: getattr(cfg, k) for k in ("depth", "top_k", "min_prob", "temperature", "top_p", "max_new_tokens")}
+            {
+                k: getattr(cfg, k)
+                for k in ("depth", "top_k", "min_prob", "lookup", "temperature", "top_p", "max_new_tokens")
+            }
         )
         row.update(draft_vocab=infer["draft_vocab"], **auto)
         row.update({k: v for k, v in meta.items() if k != "seed"})

@@ -45,6 +45,9 @@ def summarize(records: list[dict[str, Any]], baseline: list[dict[str, Any]], dep
         "prefill_s": _mean([r["prefill_s"] for r in records]),
         "baseline_prefill_s": _mean([r["prefill_s"] for r in baseline]),
         "transfer_bytes": _mean([r["transfer_bytes"] for r in records]),
+        # prompt lookup (infer.lookup): share of forwards that verified a looked-up chain, tokens accepted from it
+        "lookup_share": sum(r.get("lookup_forwards", 0) for r in records) / fwd if fwd else None,
+        "lookup_accepted": sum(r.get("lookup_accepted", 0) for r in records),
     }
     for part in ("draft", "verify", "transfer", "other"):
         total = sum(r[f"{part}_s"] or 0.0 for r in records)

@@ -46,6 +46,12 @@ class DraftTree:
     def root_only(cls, root: int) -> DraftTree:
         return cls([root], [-1], [0], [-1])
 
+    @classmethod
+    def chain(cls, root: int, tokens: Sequence[int]) -> DraftTree:
+        """Root then `tokens`, each the only child of the one before (no draft distributions: cand -1)."""
+        n = len(tokens)
+        return cls([root, *map(int, tokens)], list(range(-1, n)), list(range(n + 1)), [-1] * (n + 1))
+
 
 def tree_children(parents: Sequence[int]) -> list[list[int]]:
     """Children of every node, in node order (which is the sibling order)."""

@@ -273,6 +273,7 @@ def test_smollm2_bfloat16_chains_equal_one_token_decoding(quant):
             for b in (1, 3, 6):
                 r = cheat.generate(ids, InferConfig(budget=b, depth=b, top_k=1, max_new_tokens=40))
                 assert r.output_ids == ref and r.tau > 1.2, (i, b)  # drafts were accepted
+            assert base.generate(ids, InferConfig(max_new_tokens=40, lookup=4)).output_ids == ref  # looked-up chains
             out = cheat.generate(ids, InferConfig(budget=16, depth=8, top_k=4, max_new_tokens=40)).output_ids
             j = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)
             assert j is None or near_tie(target, ids + ref[:j], out[j], ref[j])

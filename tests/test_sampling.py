@@ -179,3 +179,25 @@ def test_speculative_sampling_matches_target_distribution(cfg, draft_vocab):
         accepted += sum(r.accept_lengths)
     assert accepted > 0.1 * n  # rejections and acceptances both happen: the test exercises both paths
     assert chi2_pvalue(counts, exact) > 1e-3
+
+
+@pytest.mark.parametrize("with_draft", [False, True], ids=["target-only", "draft"])
+def test_sampling_with_lookup_matches_target_distribution(with_draft):
+    """Looked-up tokens are proposed with certainty (q one-hot): accepted with the target's probability, and
+    on rejection the target samples from its distribution without that token; the output stays exact."""
+    target = load_target(SMALL)
+    torch.manual_seed(0)
+    draft = DraftModel(DraftConfig.from_target(target.config, depth=1)) if with_draft else None
+    eng = Dovetail(target, draft, "cpu")
+    prompt = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(1)).tolist()  # ~29 of 64 bigrams
+    cfg = InferConfig(budget=2, depth=2, top_k=1, temperature=0.8, max_new_tokens=3, lookup=3)
+    exact = exact_distribution(target, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    n, V = 3000, target.config.vocab_size
+    counts, fired, accepted = torch.zeros_like(exact), 0, 0
+    for i in range(n):
+        cfg.seed = i
+        r = eng.generate(prompt, cfg)
+        counts[sum(t * V**j for j, t in enumerate(reversed(r.output_ids)))] += 1
+        fired, accepted = fired + r.lookup_forwards, accepted + r.lookup_accepted
+    assert fired > 0.2 * n and 0.05 * fired < accepted < 2 * fired  # both acceptances and rejections happen
+    assert chi2_pvalue(counts, exact) > 1e-3
