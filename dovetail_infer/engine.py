@@ -80,6 +80,11 @@ class InferConfig:
             raise ValueError(f"InferConfig.lookup must be an integer >= 0 (0 = off), got {self.lookup!r}")
 
 
+def check_draft_quant(draft_quant: str | None) -> None:
+    if draft_quant is not None and draft_quant not in QUANT_BITS:
+        raise ValueError(f"draft_quant must be null, int8 or int4, got {draft_quant!r}")
+
+
 @dataclass
 class GenerationResult:
     output_ids: list[int]  # new tokens only, EOS included when generated
@@ -153,8 +158,7 @@ class Dovetail:
             if draft_quant or pack:  # the linears are swapped below: the caller's draft stays as it was
                 self.draft = copy.deepcopy(self.draft)
             if draft_quant:  # weight-only int8/int4 draft (CPU kernels); the target still decides every token
-                if draft_quant not in QUANT_BITS:
-                    raise ValueError(f"draft_quant must be null, int8 or int4, got {draft_quant!r}")
+                check_draft_quant(draft_quant)
                 if self.ddev.type != "cpu":
                     raise ValueError(f"draft_quant={draft_quant} uses CPU kernels: the draft runs on {self.ddev}")
                 quantize_linears(self.draft, draft_quant)

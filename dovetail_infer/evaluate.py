@@ -23,7 +23,7 @@ from dovetail_infer.autotune import CANDIDATES, autotune
 from dovetail_infer.bench import bench_names, conversation, load_bench
 from dovetail_infer.checkpoint import CONFIG, read_meta
 from dovetail_infer.compiled import compile_mode
-from dovetail_infer.engine import Dovetail, InferConfig
+from dovetail_infer.engine import Dovetail, InferConfig, check_draft_quant
 from dovetail_infer.models.target import Target, load_target
 from dovetail_infer.outdir import check_output_dir
 from dovetail_infer.report import (
@@ -270,7 +270,8 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     infer["budgets"] = [b if b == "auto" else int(b) for b in (infer["budgets"] or [infer["budget"]])]
     for b in infer["budgets"]:  # budget / depth / top_k <= 0 fail here, before any model is loaded
         _infer_config(infer, 1 if b == "auto" else b, 0)
-    mode = compile_mode(infer["compile"])  # a bad infer.compile fails here too
+    mode = compile_mode(infer["compile"])  # a bad infer.compile or infer.draft_quant fails here too
+    check_draft_quant(infer["draft_quant"])
     bench_cfg = cfg.get("bench") or {"name": "humaneval_pkg"}
     benches = {
         n: load_bench(n, bench_cfg.get("root"), bench_cfg.get("path"), bench_cfg.get("limit"))

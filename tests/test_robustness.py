@@ -392,6 +392,9 @@ def _eval_cfg(draft_dir: Path, **infer) -> dict:
         ({"top_k": -1}, "InferConfig.top_k must be an integer >= 1, got -1"),
         ({"max_new_tokens": 0}, "InferConfig.max_new_tokens must be an integer >= 1"),
         ({"budegt": 4}, r"unknown infer keys \['budegt'\]"),
+        ({"lookup": -1}, "InferConfig.lookup must be an integer >= 0"),
+        ({"compile": "fastest"}, "infer.compile must be false, true or one of"),
+        ({"draft_quant": "int3"}, "draft_quant must be null, int8 or int4, got 'int3'"),
     ],
 )
 def test_evaluate_config_errors_before_loading(draft_dir, tmp_path, no_model_loading, infer, expected):
