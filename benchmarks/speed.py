@@ -1,7 +1,9 @@
 """Decoding speed, side by side in one run: HF generate (fp32, bf16), HF prompt lookup, llama.cpp,
 our target-only decoding, an EAGLE-1 draft and the Dovetail draft at several budgets and `auto`.
 
-    python benchmarks/speed.py --dovetail DRAFT_DIR [--eagle DRAFT_DIR] [--per-bench 1] [--runs 3]
+    python benchmarks/speed.py --dovetail DRAFT_DIR [--eagle DRAFT_DIR] [--per-bench 1] [--runs 3] [--lookup 3]
+
+`--lookup N` adds rows with prompt lookup before the draft (`infer.lookup=N`), with and without a draft.
 
 Prompts: the first questions of the six bench sets (../shared/data/bench), greedy, decoding only
 (prefill timed separately and excluded). Each configuration's tokens/s is the mean over prompts; the
