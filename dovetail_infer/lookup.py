@@ -1,15 +1,16 @@
 """Prompt lookup: propose the tokens that followed the last time the current suffix n-gram appeared.
 
 Answers copy from their prompts (summaries, code edits, quoted questions) and from themselves; a
-match costs a dict lookup, no forward. The engine grafts the proposal onto the draft tree as one
-more branch and the target verifies it with the draft's tokens, so greedy outputs are unchanged.
+match costs a dict lookup, no forward. When there is a match the engine verifies the proposal as a
+chain instead of a draft tree (a chain, not a sibling branch: siblings are exact in bf16 only up to
+near-ties), so greedy outputs are unchanged.
 """
 
 from __future__ import annotations
 
 
 class NGramIndex:
-    """Where each n-gram (n = 1..max_ngram) of a growing token sequence was last followed by a token.
+    """Where each n-gram (n = min_ngram..max_ngram) of a growing token sequence was last followed by a token.
 
     `extend` registers the n-grams that end just before each new token; `propose` looks the sequence's
     own suffix up, longest n-gram first, and returns up to k tokens that followed its latest earlier
