@@ -82,7 +82,7 @@ class InferConfig:
 
 def check_draft_quant(draft_quant: str | None) -> None:
     if draft_quant is not None and draft_quant not in QUANT_BITS:
-        raise ValueError(f"draft_quant must be null, int8 or int4, got {draft_quant!r}")
+        raise ValueError(f"draft_quant must be null or one of {sorted(QUANT_BITS)}, got {draft_quant!r}")
 
 
 @dataclass
@@ -163,7 +163,7 @@ class Dovetail:
                     raise ValueError(f"draft_quant={draft_quant} uses CPU kernels: the draft runs on {self.ddev}")
                 quantize_linears(self.draft, draft_quant)
                 if quantizable(head, QUANT_BITS[draft_quant]):
-                    self.d_head_fn = QuantLinear(head, QUANT_BITS[draft_quant])
+                    self.d_head_fn = QuantLinear(head, QUANT_BITS[draft_quant], act8=draft_quant == "int4a8")
             if pack:  # what quantization left as nn.Linear, as the target's loader does
                 pack_linears(self.draft)
                 if self.d_head_fn is head:

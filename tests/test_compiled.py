@@ -92,7 +92,7 @@ def test_compiled_draft_and_target_match_eager_engine(tiny_target):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", [None, "int4"])
+@pytest.mark.parametrize("quant", [None, "int4", "int4a8"])
 def test_smollm2_compiled_speculative_equals_compiled_decoding(quant):
     """bf16 / int4 SmolLM2 under torch.compile: a token verified among others gets bitwise the hidden state
     it gets decoded alone (inductor rounds to bf16 between fused ops as eager does; without that the

@@ -67,7 +67,7 @@ def test_q4_1_weights_requantize_exactly():
 
 
 def test_bad_quant_settings_fail_clearly():
-    with pytest.raises(ValueError, match="int8 or int4"):
+    with pytest.raises(ValueError, match="target.quant must be null or one of"):
         load_target(target_spec("tiny_random", quant="int3"))
     with pytest.raises(ValueError, match="CPU kernels"):
         load_target(target_spec("tiny_random", quant="int4", device="cuda"))
@@ -100,4 +100,60 @@ def test_int4_decoding_equals_its_own_greedy(int4_target, compile):
     assert base.output_ids == ref
     eng = Dovetail(int4_target, CheatDraft(int4_target, ids + ref), "cpu", compile=compile)
     r = eng.generate(ids, InferConfig(budget=4, depth=3, top_k=2, max_new_tokens=n))
+    assert r.output_ids == ref and r.tau > 1.5
+
+
+def q8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int8 activations per 32 inputs (x = dx * x8, dx = amax / 127, round half to even) times `w`, in fp32."""
+    xg = x.float().reshape(-1, x.shape[-1] // 32, 32)
+    dx = xg.abs().amax(-1, keepdim=True) / 127
+    x8 = (xg * torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))).round().clamp(-127, 127)
+    return ((x8 * dx).reshape(*x.shape) @ w.t()).reshape(*x.shape[:-1], w.shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4a8_kernel_multiplies_q8_activations_by_its_q4_weights_row_by_row(dtype):
+    """Our VNNI kernel: the weight it reports is the Q4_1 quantization (half a step of the group's range),
+    its products equal int8-quantized activations times that weight, and a row's result does not depend on
+    the other rows of the call (bitwise), which keeps speculative verification exact."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 48, bias=False).to(dtype)
+    q = QuantLinear(lin, 4, act8=True)
+    w, d = lin.weight.float(), q.dequantized().float()
+    g = w.reshape(48, 3, 32)
+    step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(32, 1)
+    assert ((d - w).abs() <= 0.51 * step + 2**-10 * w.abs().amax()).all() and (d != w).any()
+    x = torch.randn(2, 5, 96).to(dtype)
+    x[0, 0, :32] = 0  # an all-zero group quantizes to zeros
+    y = q(x)
+    assert y.shape == (2, 5, 48) and y.dtype == dtype
+    ref = q8_reference(x, d)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.02, rtol=0.01)
+    torch.testing.assert_close(y.float(), ref, **tol)
+    assert (y.float() - x.float() @ d.t()).abs().max() > 1e-5  # the activations were quantized
+    rows = x.reshape(10, 96)
+    assert torch.equal(torch.cat([q(rows[i : i + 1]) for i in range(10)]), y.reshape(10, 48))
+
+
+def test_int4a8_needs_vnni_and_q4_groups(monkeypatch):
+    from dovetail_infer import kernels
+
+    lin = torch.nn.Linear(64, 32, bias=False)
+    with pytest.raises(ValueError, match="bits=4 and group=32"):
+        QuantLinear(lin, 4, group=64, act8=True)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.raises(RuntimeError, match="AVX512-VNNI.*use quant=int4"):
+        QuantLinear(lin, 4, act8=True)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_int4a8_decoding_equals_its_own_greedy(compile):
+    target = load_target(target_spec("tiny_random", quant="int4a8"))
+    assert all(m.act8 for m in target.model.modules() if isinstance(m, QuantLinear))
+    n, ids = 24, prompt(target, 1)
+    ref = naive_greedy(target, ids, n)
+    base = Dovetail(target, None, "cpu", compile=compile).generate_baseline(ids, InferConfig(max_new_tokens=n))
+    assert base.output_ids == ref
+    eng = Dovetail(target, CheatDraft(target, ids + ref), "cpu", compile=compile)
+    r = eng.generate(ids, InferConfig(budget=4, depth=3, top_k=2, max_new_tokens=n, lookup=3))
     assert r.output_ids == ref and r.tau > 1.5

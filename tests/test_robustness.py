@@ -394,7 +394,7 @@ def _eval_cfg(draft_dir: Path, **infer) -> dict:
         ({"budegt": 4}, r"unknown infer keys \['budegt'\]"),
         ({"lookup": -1}, "InferConfig.lookup must be an integer >= 0"),
         ({"compile": "fastest"}, "infer.compile must be false, true or one of"),
-        ({"draft_quant": "int3"}, "draft_quant must be null, int8 or int4, got 'int3'"),
+        ({"draft_quant": "int3"}, "draft_quant must be null or one of \\['int4', 'int4a8', 'int8'\\], got 'int3'"),
     ],
 )
 def test_evaluate_config_errors_before_loading(draft_dir, tmp_path, no_model_loading, infer, expected):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dovetail_infer import kernels
+
 
 @dataclass
 class LlamaConfig:
@@ -347,15 +349,22 @@ class QuantLinear(nn.Module):
     lossless means equal to its own greedy decoding. `weight` stays (the draft's head copy, HF reference).
     """
 
-    def __init__(self, linear: nn.Linear, bits: int, group: int = 32) -> None:
+    def __init__(self, linear: nn.Linear, bits: int, group: int = 32, act8: bool = False) -> None:
         super().__init__()
         if linear.bias is not None:
             raise ValueError("QuantLinear: biased linears are not supported")
-        self.weight, self.bits, self.group = linear.weight, bits, group
+        self.weight, self.bits, self.group, self.act8 = linear.weight, bits, group, act8
         w = linear.weight.detach().float()
         N, K = w.shape
         dtype = linear.weight.dtype
-        if bits == 8:
+        if act8:  # int4 weights x int8 activations (llama.cpp's Q4_1 x Q8_1) on our AVX512-VNNI kernel
+            if bits != 4 or group != kernels.GROUP:
+                raise ValueError(f"QuantLinear: int8 activations need bits=4 and group={kernels.GROUP}")
+            kernels.load_q4a8()
+            qw, dm = kernels.pack_q4(w)
+            self.register_buffer("qweight", qw)
+            self.register_buffer("scales", dm)
+        elif bits == 8:
             scale = (w.abs().amax(1) / 127).clamp(min=1e-10)
             self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
             self.register_buffer("scales", scale.to(dtype))
@@ -374,10 +383,16 @@ class QuantLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel multiplies by, (out, in) in the model dtype (tests and error reports)."""
+        if self.act8:
+            return kernels.unpack_q4(self.qweight, self.scales, *self.weight.shape).to(self.weight.dtype)
         eye = torch.eye(self.weight.shape[1], dtype=self.weight.dtype, device=self.weight.device)
         return self(eye).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act8:
+            return torch.ops.dovetail.q4a8_linear(
+                x.to(self.weight.dtype), self.qweight, self.scales, self.weight.shape[0]
+            )
         x2 = x.to(self.weight.dtype).reshape(-1, x.shape[-1]).contiguous()
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
@@ -386,7 +401,8 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-QUANT_BITS = {"int8": 8, "int4": 4}
+# int4a8: int4 weights and int8 activations (dynamic, per 32 inputs), llama.cpp's Q4_1 x Q8_1 arithmetic
+QUANT_BITS = {"int8": 8, "int4": 4, "int4a8": 4}
 
 
 def quantizable(linear: nn.Linear, bits: int, group: int = 32) -> bool:
@@ -402,7 +418,7 @@ def quantize_linears(module: nn.Module, quant: str, group: int = 32) -> int:
     bits, n = QUANT_BITS[quant], 0
     for name, child in module.named_children():
         if isinstance(child, nn.Linear) and quantizable(child, bits, group):
-            setattr(module, name, QuantLinear(child, bits, group))
+            setattr(module, name, QuantLinear(child, bits, group, act8=quant == "int4a8"))
             n += 1
         elif not isinstance(child, nn.Linear):
             n += quantize_linears(child, quant, group)

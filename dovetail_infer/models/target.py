@@ -58,7 +58,7 @@ class TargetSpec:
 
     def __post_init__(self) -> None:
         if self.quant is not None and self.quant not in QUANT_BITS:
-            raise ValueError(f"target.quant must be null, int8 or int4, got {self.quant!r}")
+            raise ValueError(f"target.quant must be null or one of {sorted(QUANT_BITS)}, got {self.quant!r}")
         if self.quant and torch.device(self.device).type != "cpu":
             raise ValueError(f"target.quant={self.quant} uses CPU kernels: set target.device=cpu or target.quant=null")
 
