@@ -3,10 +3,11 @@
 Rows: our target-only decoding and prompt lookup (`infer.lookup`) on each quantized target under
 `infer.compile=max-autotune` (int4: bf16 activations, PyTorch's weight-only kernel inside inductor's GEMM
 template; int4a8: int8 activations on our VNNI kernel, llama.cpp's own arithmetic), and llama.cpp
-(llama-cpp-python, the shipped Q4_1 GGUF). Rows run interleaved, median of `--runs` passes over the
-prompts; greedy equality is against each target's own target-only decoding.
+(llama-cpp-python, the shipped Q4_1 GGUF). Rows take turns prompt by prompt; tokens/s is the median of
+`--runs` passes (each the mean over the prompts); greedy equality is against each target's own target-only
+decoding.
 
-    python benchmarks/llamacpp_race.py --per-bench 1 --max-new-tokens 64 --runs 3
+    python benchmarks/llamacpp_race.py --per-bench 2 --max-new-tokens 64 --runs 5
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ def main() -> None:
         lc(prompts[0])
     passes: dict[str, list[float]] = {k: [] for k in runners}
     outputs: dict[str, list[list[int]]] = {}
-    for _ in range(args.runs):
-        for name, run in runners.items():
-            res = [run(p) for p in prompts]
-            outputs[name] = [o for o, _ in res]
-            passes[name].append(statistics.mean(len(o) / s for o, s in res))
+    for _ in range(args.runs):  # interleaved per prompt: this machine's speed drifts within a pass
+        res: dict[str, list] = {k: [] for k in runners}
+        for p in prompts:
+            for name, run in runners.items():
+                res[name].append(run(p))
+        for name, r in res.items():
+            outputs[name] = [o for o, _ in r]
+            passes[name].append(statistics.mean(len(o) / s for o, s in r))
     tps = {k: statistics.median(v) for k, v in passes.items()}
     lcpp = tps.get("llama.cpp Q4_1")
     rows = []
@@ -91,6 +95,7 @@ def main() -> None:
         "mode": args.mode,
         "compile_s": compile_s,
         "llama_cpp": "measured" if lcpp else "skipped: pip install -e .[llamacpp]",
+        "command": "python benchmarks/llamacpp_race.py " + " ".join(sys.argv[1:]),
         "rows": rows,
     }
     out = Path(args.out)
