@@ -3,8 +3,9 @@ for torch.compile). The build is cached by torch (~15 s the first time on a mach
 
 `q4a8_linear`: int4 weights (GGUF Q4_1 layout: w = d * q + m per 32 inputs, d and m in fp16) times
 activations quantized to int8 per 32 inputs on the fly (Q8_1) — llama.cpp's arithmetic, on AVX512-VNNI.
-A decoding step's weight products cost ~2.5-3x less than PyTorch's int4 weight-only kernel (which widens
-every weight to bf16); see benchmarks/results.
+Against PyTorch's eager int4 weight-only kernel (which widens every weight to bf16) one product costs
+1.5-2.5x less; inside a max-autotune step it is even with inductor's int4 GEMM template for one row and
+cheaper for several (README, "Against llama.cpp").
 """
 
 from __future__ import annotations

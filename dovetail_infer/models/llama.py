@@ -341,7 +341,9 @@ def pack_linears(module: nn.Module) -> nn.Module:
 class QuantLinear(nn.Module):
     """A frozen CPU linear with weight-only quantized weights: int8 (symmetric, one scale per output row)
     or int4 (asymmetric, a scale and a zero point per `group` inputs; GGUF's Q4_1 layout, so a Q4_1
-    checkpoint re-quantizes almost exactly). Activations stay in the model dtype.
+    checkpoint re-quantizes almost exactly). Activations stay in the model dtype, except with `act8`
+    (quant=int4a8): int4 weights times activations quantized to int8 per 32 inputs, on our VNNI kernel
+    (`dovetail_infer.kernels`), llama.cpp's arithmetic for Q4_1.
 
     Decoding reads a quarter (int4) or half (int8) of the bf16 bytes: a SmolLM2 decoding step's matrix
     products fall from ~14 ms to ~5 ms (int4) here. The kernels scale badly with rows (int4: 5 rows cost
