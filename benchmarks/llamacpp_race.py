@@ -49,14 +49,12 @@ def main() -> None:
         target = target_for(args.target, "bfloat16", quant=quant)
         prompts = prompts or bench_prompts(target, args.per_bench, Path(args.bench_root))
         eng = Dovetail(target, None, "cpu", compile=args.mode)
-        ref = f"ours {quant} target-only"
+        ref, look = f"ours {quant} target-only", f"ours {quant} + lookup{args.lookup}"
         runners[ref] = engine_runner(eng, InferConfig(max_new_tokens=n), baseline=True)
-        runners[f"ours {quant} + lookup{args.lookup}"] = engine_runner(
-            eng, InferConfig(max_new_tokens=n, lookup=args.lookup)
-        )
-        refs[ref] = refs[f"ours {quant} + lookup{args.lookup}"] = ref
+        runners[look] = engine_runner(eng, InferConfig(max_new_tokens=n, lookup=args.lookup))
+        refs[ref] = refs[look] = ref
         t0 = time.perf_counter()
-        for name in (ref, f"ours {quant} + lookup{args.lookup}"):
+        for name in (ref, look):
             runners[name](prompts[0])  # compiles the buckets this row uses
         compile_s[quant] = round(time.perf_counter() - t0, 1)
     lc = llamacpp_runner(locate_gguf(target.spec), n, args.threads)

@@ -38,9 +38,9 @@ from dovetail_infer.models.draft import DraftModel
 from dovetail_infer.models.llama import (
     QUANT_BITS,
     PackedLinear,
-    QuantLinear,
     can_pack,
     pack_linears,
+    quant_linear,
     quantizable,
     quantize_linears,
 )
@@ -163,7 +163,7 @@ class Dovetail:
                     raise ValueError(f"draft_quant={draft_quant} uses CPU kernels: the draft runs on {self.ddev}")
                 quantize_linears(self.draft, draft_quant)
                 if quantizable(head, QUANT_BITS[draft_quant]):
-                    self.d_head_fn = QuantLinear(head, QUANT_BITS[draft_quant], act8=draft_quant == "int4a8")
+                    self.d_head_fn = quant_linear(head, draft_quant)
             if pack:  # what quantization left as nn.Linear, as the target's loader does
                 pack_linears(self.draft)
                 if self.d_head_fn is head:

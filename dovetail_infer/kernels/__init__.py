@@ -20,6 +20,7 @@ NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma"]
 
 
+@functools.cache
 def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()

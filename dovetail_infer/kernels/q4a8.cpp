@@ -99,6 +99,7 @@ at::Tensor q4a8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   const int64_t K = x.size(-1);
   TORCH_CHECK(K % GROUP == 0 && n % NBLK == 0, "q4a8_linear: in_features % 32 and out_features % 16 must be 0");
   TORCH_CHECK(qw.numel() == n * K / 2 && dm.numel() == n * K / GROUP * 2, "q4a8_linear: packed weight shape mismatch");
+  TORCH_CHECK(qw.is_contiguous() && dm.is_contiguous(), "q4a8_linear: packed weights must be contiguous");
   const int64_t M = x.numel() / K, G = K / GROUP;
   auto xc = x.contiguous();
   // per-thread scratch for the quantized rows: no allocation per call once warm
@@ -111,7 +112,6 @@ at::Tensor q4a8_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   auto y = at::empty({M, n}, x.options());
   const uint8_t* q = qw.data_ptr<uint8_t>();
   const at::Half* s = dm.data_ptr<at::Half>();
-  TORCH_CHECK(qw.is_contiguous() && dm.is_contiguous(), "q4a8_linear: packed weights must be contiguous");
   if (x.scalar_type() == at::kBFloat16) {
     quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, x8.data(), dx.data(), sdx.data());
     gemm<at::BFloat16>(x8.data(), dx.data(), sdx.data(), q, s, y.data_ptr<at::BFloat16>(), M, n, K);

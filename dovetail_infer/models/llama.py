@@ -407,6 +407,11 @@ class QuantLinear(nn.Module):
 QUANT_BITS = {"int8": 8, "int4": 4, "int4a8": 4}
 
 
+def quant_linear(linear: nn.Linear, quant: str, group: int = 32) -> QuantLinear:
+    """A QuantLinear for a `quant` name (int8 / int4 / int4a8): the one place names map to kernels."""
+    return QuantLinear(linear, QUANT_BITS[quant], group, act8=quant == "int4a8")
+
+
 def quantizable(linear: nn.Linear, bits: int, group: int = 32) -> bool:
     N, K = linear.weight.shape
     return linear.bias is None and (bits == 8 or (K % group == 0 and N % 16 == 0))
@@ -420,7 +425,7 @@ def quantize_linears(module: nn.Module, quant: str, group: int = 32) -> int:
     bits, n = QUANT_BITS[quant], 0
     for name, child in module.named_children():
         if isinstance(child, nn.Linear) and quantizable(child, bits, group):
-            setattr(module, name, QuantLinear(child, bits, group, act8=quant == "int4a8"))
+            setattr(module, name, quant_linear(child, quant, group))
             n += 1
         elif not isinstance(child, nn.Linear):
             n += quantize_linears(child, quant, group)
