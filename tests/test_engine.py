@@ -248,21 +248,14 @@ def test_smollm2_greedy_equals_hf(smollm2_target):
         assert cheat.generate(ids, InferConfig(budget=8, depth=6, top_k=2, max_new_tokens=32)).output_ids == ref
 
 
-def near_tie(target: Target, ids: list[int], a: int, b: int) -> bool:
-    """Tokens a and b get bf16 logits within 2 bf16 steps of each other after `ids` (one forward, no cache)."""
-    with torch.no_grad():
-        logits = target.model.logits(target.model(torch.tensor([ids])))[0, -1].float()
-    step = 2.0 ** (torch.floor(torch.log2(logits.abs().max())) - 7)  # bf16 spacing at the top logit
-    return bool(abs(logits[a] - logits[b]) <= 2 * step)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", [None, "int4"])
-def test_smollm2_bfloat16_chains_equal_one_token_decoding(quant):
-    """bf16 (and int4) SmolLM2: chain drafts give exactly our one-token-at-a-time greedy output, because every
-    kernel is batch-invariant (a lone bf16 row runs as a pair, see PackedLinear; before, 4 of 6 bench answers
-    parted at a near-tie). Trees with siblings verify a node with its siblings' slots masked inside the
-    attention sums, which changes how the kernels group the additions: they may part, only at a near-tie."""
+def test_smollm2_bfloat16_drafts_equal_one_token_decoding(quant):
+    """bf16 (and int4) SmolLM2: chain drafts and trees with siblings give exactly our one-token-at-a-time
+    greedy output, because every kernel is batch-invariant (a lone bf16 row runs as a pair, see PackedLinear;
+    before, 4 of 6 bench answers parted at a near-tie) and attention sums a node's keys in position order
+    (`split_attention`; summed by cache slot, a node that sees its ancestors across its siblings' slots
+    rounded apart: bench answers parted at near-ties for trees)."""
     target = load_target(target_spec("smollm2_135m", dtype="bfloat16", quant=quant))
     base = Dovetail(target, None, "cpu")
     with num_threads(2):  # how the kernels split their work depends on the thread count: test the real one
@@ -274,9 +267,8 @@ def test_smollm2_bfloat16_chains_equal_one_token_decoding(quant):
                 r = cheat.generate(ids, InferConfig(budget=b, depth=b, top_k=1, max_new_tokens=40))
                 assert r.output_ids == ref and r.tau > 1.2, (i, b)  # drafts were accepted
             assert base.generate(ids, InferConfig(max_new_tokens=40, lookup=4)).output_ids == ref  # looked-up chains
-            out = cheat.generate(ids, InferConfig(budget=16, depth=8, top_k=4, max_new_tokens=40)).output_ids
-            j = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)
-            assert j is None or near_tie(target, ids + ref[:j], out[j], ref[j])
+            r = cheat.generate(ids, InferConfig(budget=16, depth=8, top_k=4, max_new_tokens=40))
+            assert r.output_ids == ref and r.tau > 1.2, i
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

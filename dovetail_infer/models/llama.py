@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -139,8 +139,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, Hk, start+T, d): the cached prefix plus the new keys
-        if cache is not None and T <= SMALL_QUERY:  # decoding / verification: a few queries over a long cache
-            y = small_query_attention(q, k, v, mask)
+        if isinstance(mask, SplitMask):  # decoding / verification: a few queries over a long cache
+            y = split_attention(q, k, v, mask)
         else:
             causal = mask is None and cache is None
             y = F.scaled_dot_product_attention(
@@ -149,27 +149,95 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
-SMALL_QUERY = 32  # up to this many new tokens, attention runs as two matmuls instead of SDPA
+SMALL_QUERY = 32  # up to this many new tokens (with a cache), attention runs as `split_attention`, not SDPA
+TAIL = SMALL_QUERY  # a query at position p sums the keys of positions p-TAIL+1..p apart, in position order
 
 
-def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of a few new queries over a cached prefix as two batched matmuls.
+class SplitMask(NamedTuple):
+    """Where a few new queries find their keys (see `split_attention`); built once per forward by `split_mask`.
 
-    PyTorch's CPU flash-attention kernel is built for long query blocks: for 1-32 queries over a few
-    hundred keys it costs ~7x more than this (measured, bf16, one thread). Query heads that share a KV
-    head become rows of one matmul (grouped-query attention without repeating K/V).
-    q (B, H, T, d), k/v (B, Hk, S, d), mask (B|1, 1, T, S) bool (True = attend) or None -> (B, H, T, d).
+    tail (B|1, 1, 1, T, W) long: the slots holding positions p-W+1..p of query t (p its position), in order;
+    tail_bias (B|1, 1, 1, T, W) float: -inf where that position does not exist or the query may not see it, else 0;
+    shared_bias (B|1, 1, 1, T, S) float: -inf at slots not summed in place (the tail's, the masked ones), else 0.
+    All None: one token decoded after at least W-1 others, whose tail is simply the last W slots.
+    """
+
+    tail: torch.Tensor | None = None
+    tail_bias: torch.Tensor | None = None
+    shared_bias: torch.Tensor | None = None
+
+
+def split_mask(
+    positions: torch.Tensor | None, mask: torch.Tensor | None, start: int | torch.Tensor, T: int, width: int = TAIL
+) -> SplitMask:
+    """positions (B, T) and a boolean mask (B|1, 1, T, S) over cache slots (True = may attend) -> a `SplitMask`.
+
+    Slots before `start` hold their own positions (the committed prefix). A new token's slot holds its
+    position; a query's tail takes, for each position past `start`, the visible new slot at that position
+    (in a tree: the ancestor at that depth). Every visible slot is summed exactly once, in the tail or in
+    place, so the attention is the masked attention whatever the layout; the split only fixes the order.
+    positions None and mask None: causal over the prefix and the new tokens.
+    """
+    if positions is None and mask is None and T == 1 and isinstance(start, int) and start >= width - 1:
+        return SplitMask()  # plain decoding: the tail is the last W slots (same numbers as the general case)
+    dev = mask.device if mask is not None else positions.device if positions is not None else None
+    if positions is None:
+        positions = torch.arange(T, device=dev)[None] + start
+    if mask is None:
+        mask = causal_mask(T, start, dev)
+    Bm, _, _, S = mask.shape
+    B = max(Bm, positions.shape[0])
+    m = mask[:, 0].expand(B, T, S)
+    pos = positions.expand(B, T)
+    want = pos[..., None] - (width - 1) + torch.arange(width, device=dev)  # (B, T, W) the tail's positions
+    new = start + torch.arange(T, device=dev)  # the new tokens' slots
+    match = m[..., new][:, :, None, :] & (pos[:, None, None, :] == want[..., None])  # (B, T, W, T)
+    old = want < start
+    slot = torch.where(old, want.clamp(min=0), new[match.to(torch.int8).argmax(-1)])
+    ok = torch.where(old, (want >= 0) & m.gather(-1, slot), match.any(-1))
+    in_tail = torch.zeros(B, T, S, dtype=torch.int32, device=dev).scatter_add(-1, slot, ok.int()) > 0
+    bias = torch.tensor(float("-inf"), device=dev)
+    zero = torch.zeros((), device=dev)
+    return SplitMask(
+        slot[:, None, None],
+        torch.where(ok, zero, bias)[:, None, None],
+        torch.where(m & ~in_tail, zero, bias)[:, None, None],
+    )
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm: SplitMask) -> torch.Tensor:
+    """Attention of a few new queries over a cached prefix, exact across cache layouts.
+
+    A query's keys split in two: its last W positions, gathered in position order, and the prefix
+    before them, summed in place. Why: a token verified in a tree sees its ancestors in slots that skip
+    its siblings, while decoded alone it sees them in consecutive slots. Summing by slot, the kernels
+    group the additions by slot (SIMD lanes, bf16 pairs), so in bf16 the two round apart and greedy tree
+    decoding leaves one-token decoding at near-ties. In position order every query sums the same numbers
+    in the same order however the tree was laid out (tested bitwise); the tail comes first in the softmax
+    so it starts at the same lane whatever the buffer length.
+    Two batched matmuls, not SDPA: PyTorch's CPU flash-attention kernel costs ~7x more for 1-32 queries
+    over a few hundred keys. Query heads sharing a KV head are rows of one matmul (no repeated K/V).
+    q (B, H, T, d), k/v (B, Hk, S, d) -> (B, H, T, d).
     """
     B, H, T, d = q.shape
     Hk, S = k.shape[1], k.shape[2]
-    G = H // Hk
-    qg = q.reshape(B, Hk, G * T, d)  # (B, Hk, G*T, d): head h = kv_head * G + g
-    scores = (qg @ k.transpose(-1, -2)).float() * d**-0.5  # (B, Hk, G*T, S)
-    if mask is not None:
-        m = mask.expand(mask.shape[0], 1, T, S)[:, :, None].expand(-1, -1, G, -1, -1)
-        scores = scores.masked_fill(~m.reshape(mask.shape[0], 1, G * T, S), float("-inf"))
-    y = scores.softmax(-1).to(v.dtype) @ v  # (B, Hk, G*T, d)
-    return y.reshape(B, H, T, d)
+    G, W = H // Hk, TAIL if sm.tail is None else sm.tail.shape[-1]
+    scale = d**-0.5
+    scores = (q.reshape(B, Hk, G * T, d) @ k.transpose(-1, -2)).float().view(B, Hk, G, T, S)
+    if sm.tail is None:  # plain decoding: slices instead of gathers (same numbers, fewer ops)
+        tail, shared = scores[..., S - W :] * scale, scores[..., : S - W] * scale
+        v_tail, v = v[:, :, S - W :], v[:, :, : S - W]
+    else:  # scale * score + bias (0 or -inf): one op per part
+        tail = torch.add(sm.tail_bias, scores.gather(-1, sm.tail.expand(B, Hk, G, T, W)), alpha=scale)
+        shared = torch.add(sm.shared_bias, scores, alpha=scale)
+        if sm.tail.shape[0] == 1:
+            v_tail = v.index_select(2, sm.tail.view(-1))
+        else:
+            v_tail = v.gather(2, sm.tail.reshape(B, 1, T * W, 1).expand(B, Hk, T * W, d))
+    p = torch.cat([tail, shared], -1).softmax(-1).to(v.dtype)
+    y = p[..., W:].contiguous().view(B, Hk, G * T, -1) @ v  # (B, Hk, G*T, d); contiguous: inductor's GEMM template
+    y_tail = (p[..., :W, None] * v_tail.reshape(B, Hk, 1, T, W, d)).sum(-2)  # (B, Hk, G, T, d)
+    return (y.view(B, Hk, G, T, d) + y_tail).reshape(B, H, T, d)
 
 
 def _fuse(state_dict: dict, prefix: str, fused: str, parts: tuple[str, ...]) -> None:
@@ -444,10 +512,12 @@ def run_blocks(
     """The decoder stack shared by the target and the draft: default positions start..start+T-1, a causal
     mask over the cached prefix when a cache is used, RoPE once, then every block. x (B, T, D)."""
     B, T, _ = x.shape
+    if cache is not None and T <= SMALL_QUERY:
+        mask = split_mask(positions, mask, start, T)
+    elif mask is None and cache is not None:
+        mask = causal_mask(T, start, x.device)
     if positions is None:
         positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-    if mask is None and cache is not None and (start > 0 or T > 1):
-        mask = causal_mask(T, start, x.device)
     cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
     for i, layer in enumerate(layers):
         x = layer(x, cos, sin, mask, cache, i, start)
