@@ -9,8 +9,8 @@ buffer under a mask: one compiled graph per (bucket, cache size), shared by plai
 Padding rows write scratch cache slots past the new tokens and see only themselves; their outputs are
 dropped. Prefill (more new tokens than the largest bucket) runs eagerly.
 
-Every bucket's graph is batch-invariant: a token verified among others gets bitwise the hidden state it gets
-decoded alone, so greedy chain drafts reproduce one-token decoding exactly in bf16 and int4 too.
+Every bucket's graph is batch-invariant: a token verified among others (in a chain or a tree) gets bitwise the
+hidden state it gets decoded alone, so greedy drafts reproduce one-token decoding exactly in bf16 and int4 too.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 Answers copy from their prompts (summaries, code edits, quoted questions) and from themselves; a
 match costs a dict lookup, no forward. When there is a match the engine verifies the proposal as a
-chain instead of a draft tree (a chain, not a sibling branch: siblings are exact in bf16 only up to
-near-ties), so greedy outputs are unchanged.
+chain instead of a draft tree (no draft step that round); greedy outputs are unchanged.
 """
 
 from __future__ import annotations

@@ -193,7 +193,9 @@ def split_mask(
     new = start + torch.arange(T, device=dev)  # the new tokens' slots
     match = m[..., new][:, :, None, :] & (pos[:, None, None, :] == want[..., None])  # (B, T, W, T)
     old = want < start
-    slot = torch.where(old, want.clamp(min=0), new[match.to(torch.int8).argmax(-1)])
+    # the visible new slot at that position (the last if several); amax, not argmax: inductor's vectorized
+    # argmax over 17 new tokens returned an out-of-bounds index
+    slot = torch.where(old, want, torch.where(match, new, -1).amax(-1)).clamp(min=0)
     ok = torch.where(old, (want >= 0) & m.gather(-1, slot), match.any(-1))
     in_tail = torch.zeros(B, T, S, dtype=torch.int32, device=dev).scatter_add(-1, slot, ok.int()) > 0
     bias = torch.tensor(float("-inf"), device=dev)
