@@ -97,8 +97,10 @@ def test_smollm2_compiled_speculative_equals_compiled_decoding(quant):
     """bf16 / int4 SmolLM2 under torch.compile: a token verified among others gets bitwise the hidden state
     it gets decoded alone (inductor rounds to bf16 between fused ops as eager does; without that the
     buckets' fusion choices rounded differently from layer 4 on; attention sums in position order, see
-    `split_attention`), so greedy chains and trees give exactly the compiled one-token decoding, which
-    equals eager decoding here."""
+    `split_attention`), so greedy chains and trees give exactly the compiled one-token decoding. Compiled and
+    eager decoding are two float programs (inductor's fused kernels reduce in their own order; their hidden
+    states differed in the last bits for 25 of 54 decoded tokens before split_attention too), so they agree
+    up to near-ties only."""
     target = load_target(target_spec("smollm2_135m", dtype="bfloat16", quant=quant))
     with num_threads(2):
         step = CompiledForward(target.model, buckets=(1, 5))  # two graphs: decoding, and drafts of up to 4 tokens
@@ -106,7 +108,9 @@ def test_smollm2_compiled_speculative_equals_compiled_decoding(quant):
         base.t_forward = step
         ids = prompt(target, 1)
         ref = base.generate_baseline(ids, InferConfig(max_new_tokens=40)).output_ids
-        assert ref == Dovetail(target, None, "cpu").generate_baseline(ids, InferConfig(max_new_tokens=40)).output_ids
+        eager = Dovetail(target, None, "cpu").generate_baseline(ids, InferConfig(max_new_tokens=40)).output_ids
+        j = next((j for j, (a, b) in enumerate(zip(ref, eager)) if a != b), None)
+        assert j is None or near_tie(target, ids + ref[:j], ref[j], eager[j])  # its own float program: see below
         cheat = Dovetail(target, CheatDraft(target, ids + ref, noise=0.5), "cpu", compile=True)
         cheat.t_forward = step
         for b, d, k in ((4, 4, 1), (2, 2, 1), (4, 3, 2)):  # chains, and a tree with siblings
@@ -121,6 +125,14 @@ def test_smollm2_compiled_speculative_equals_compiled_decoding(quant):
             five = step(x[:, 100:], cache=caches[0], start=100)
             ones = torch.cat([step(x[:, 100 + i : 101 + i], cache=caches[1], start=100 + i) for i in range(5)], 1)
             assert torch.equal(five, ones)
+
+
+def near_tie(target, ids: list[int], a: int, b: int) -> bool:
+    """Tokens a and b get bf16 logits within 2 bf16 steps of each other after `ids` (one forward, no cache)."""
+    with torch.no_grad():
+        logits = target.model.logits(target.model(torch.tensor([ids])))[0, -1].float()
+    step = 2.0 ** (torch.floor(torch.log2(logits.abs().max())) - 7)  # bf16 spacing at the top logit
+    return bool(abs(logits[a] - logits[b]) <= 2 * step)
 
 
 def test_compile_modes_are_checked_and_kept_apart(tiny_target):
