@@ -93,9 +93,11 @@ class DraftModel(nn.Module):
     ) -> torch.Tensor:
         """feat (B, T, D) features f_i; emb (B, T, D) embeddings of t_{i+1}. Returns predicted f_{i+1}.
 
-        Masks, positions and the cache follow `LlamaModel.forward`.
+        Masks, positions and the cache follow `LlamaModel.forward`. Attention sums by cache slot (`exact=False`):
+        the draft only proposes, so it skips the position-order split the target needs for exact verification.
         """
-        return run_blocks(self.layers, self.fusion(feat, emb), self.inv_freq, positions, mask, cache, start)
+        x = self.fusion(feat, emb)
+        return run_blocks(self.layers, x, self.inv_freq, positions, mask, cache, start, exact=False)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -141,6 +141,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, start, k, v)  # (B, Hk, start+T, d): the cached prefix plus the new keys
         if isinstance(mask, SplitMask):  # decoding / verification: a few queries over a long cache
             y = split_attention(q, k, v, mask)
+        elif cache is not None and T <= SMALL_QUERY:  # the same, summed by slot (the draft: cheaper, not exact)
+            y = small_query_attention(q, k, v, mask)
         else:
             causal = mask is None and cache is None
             y = F.scaled_dot_product_attention(
@@ -205,6 +207,22 @@ def split_mask(
         torch.where(ok, zero, bias)[:, None, None],
         torch.where(m & ~in_tail, zero, bias)[:, None, None],
     )
+
+
+def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of a few new queries over a cached prefix, summed by cache slot: two batched matmuls.
+
+    Cheaper than `split_attention` in eager mode (fewer ops), but a tree node's sums depend on where its
+    siblings sit, so only the draft uses it. q (B, H, T, d), k/v (B, Hk, S, d), mask (B|1, 1, T, S) bool.
+    """
+    B, H, T, d = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    G = H // Hk
+    scores = (q.reshape(B, Hk, G * T, d) @ k.transpose(-1, -2)).float() * d**-0.5  # (B, Hk, G*T, S)
+    if mask is not None:
+        m = mask.expand(mask.shape[0], 1, T, S)[:, :, None].expand(-1, -1, G, -1, -1)
+        scores = scores.masked_fill(~m.reshape(mask.shape[0], 1, G * T, S), float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).reshape(B, H, T, d)
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm: SplitMask) -> torch.Tensor:
@@ -510,11 +528,13 @@ def run_blocks(
     mask: torch.Tensor | None = None,
     cache=None,
     start: int = 0,
+    exact: bool = True,
 ) -> torch.Tensor:
     """The decoder stack shared by the target and the draft: default positions start..start+T-1, a causal
-    mask over the cached prefix when a cache is used, RoPE once, then every block. x (B, T, D)."""
+    mask over the cached prefix when a cache is used, RoPE once, then every block. x (B, T, D).
+    `exact`: a few new tokens over a cache attend through `split_attention` (verification equals decoding)."""
     B, T, _ = x.shape
-    if cache is not None and T <= SMALL_QUERY:
+    if cache is not None and T <= SMALL_QUERY and exact:
         mask = split_mask(positions, mask, start, T)
     elif mask is None and cache is not None:
         mask = causal_mask(T, start, x.device)
