@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import num_threads, target_spec
-from test_engine import CheatDraft, compactions, hf_greedy, prompt
+from test_attention import PARENTS, ancestry
+from test_engine import CheatDraft, compactions, hf_greedy, near_tie, prompt
 
 from dovetail_infer.compiled import CompiledForward
 from dovetail_infer.engine import Dovetail, InferConfig
@@ -127,14 +128,6 @@ def test_smollm2_compiled_speculative_equals_compiled_decoding(quant):
             assert torch.equal(five, ones)
 
 
-def near_tie(target, ids: list[int], a: int, b: int) -> bool:
-    """Tokens a and b get bf16 logits within 2 bf16 steps of each other after `ids` (one forward, no cache)."""
-    with torch.no_grad():
-        logits = target.model.logits(target.model(torch.tensor([ids])))[0, -1].float()
-    step = 2.0 ** (torch.floor(torch.log2(logits.abs().max())) - 7)  # bf16 spacing at the top logit
-    return bool(abs(logits[a] - logits[b]) <= 2 * step)
-
-
 def test_compile_modes_are_checked_and_kept_apart(tiny_target):
     from dovetail_infer.compiled import compile_mode, compiled_forward
 
@@ -174,8 +167,6 @@ def test_compiled_cache_fits_each_request_eager_cache_only_grows(tiny_target, mo
 def test_sixteen_node_tree_in_the_17_bucket_matches_eager():
     """A bf16 16-node tree with siblings padded to bucket 17 (the largest draft budget's bucket) gives the
     eager hidden states (inductor's argmax over 17 new tokens once produced an out-of-bounds slot here)."""
-    from test_attention import PARENTS, ancestry
-
     model = load_target(target_spec("tiny_random", dtype="bfloat16")).model
     cfg = model.config
     fwd = CompiledForward(model, buckets=(17,))

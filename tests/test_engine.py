@@ -248,6 +248,14 @@ def test_smollm2_greedy_equals_hf(smollm2_target):
         assert cheat.generate(ids, InferConfig(budget=8, depth=6, top_k=2, max_new_tokens=32)).output_ids == ref
 
 
+def near_tie(target: Target, ids: list[int], a: int, b: int) -> bool:
+    """Tokens a and b get bf16 logits within 2 bf16 steps of each other after `ids` (one forward, no cache)."""
+    with torch.no_grad():
+        logits = target.model.logits(target.model(torch.tensor([ids])))[0, -1].float()
+    step = 2.0 ** (torch.floor(torch.log2(logits.abs().max())) - 7)  # bf16 spacing at the top logit
+    return bool(abs(logits[a] - logits[b]) <= 2 * step)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", [None, "int4"])
 def test_smollm2_bfloat16_drafts_equal_one_token_decoding(quant):

@@ -151,7 +151,7 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
-SMALL_QUERY = 32  # up to this many new tokens (with a cache), attention runs as `split_attention`, not SDPA
+SMALL_QUERY = 32  # up to this many new tokens (with a cache), attention runs as two matmuls, not SDPA (see below)
 TAIL = SMALL_QUERY  # a query at position p sums the keys of positions p-TAIL+1..p apart, in position order
 
 
