@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import ROOT, bench_prompts, engine_runner, llamacpp_runner, target_for  # noqa: E402
+from speed import ROOT, bench_prompts, engine_runner, llamacpp_runner, run_interleaved, target_for  # noqa: E402
 
 from dovetail_infer.engine import Dovetail, InferConfig  # noqa: E402
 from dovetail_infer.models.target import locate_gguf  # noqa: E402
@@ -61,16 +61,8 @@ def main() -> None:
     if lc is not None:
         runners["llama.cpp Q4_1"] = lc
         lc(prompts[0])
-    passes: dict[str, list[float]] = {k: [] for k in runners}
-    outputs: dict[str, list[list[int]]] = {}
-    for _ in range(args.runs):  # interleaved per prompt: this machine's speed drifts within a pass
-        res: dict[str, list] = {k: [] for k in runners}
-        for p in prompts:
-            for name, run in runners.items():
-                res[name].append(run(p))
-        for name, r in res.items():
-            outputs[name] = [o for o, _ in r]
-            passes[name].append(statistics.mean(len(o) / s for o, s in r))
+    passes, last = run_interleaved(runners, prompts, args.runs)
+    outputs = {name: [r.ids for r in runs] for name, runs in last.items()}
     tps = {k: statistics.median(v) for k, v in passes.items()}
     lcpp = tps.get("llama.cpp Q4_1")
     rows = []

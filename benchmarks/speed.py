@@ -3,13 +3,17 @@ our target-only decoding, an EAGLE-1 draft and the Dovetail draft at several bud
 
     python benchmarks/speed.py --dovetail DRAFT_DIR [--eagle DRAFT_DIR] [--per-bench 1] [--runs 3] [--lookup 3]
 
-`--lookup N` adds rows with prompt lookup before the draft (`infer.lookup=N`), with and without a draft.
+`--lookup N` adds rows with prompt lookup before the draft (`infer.lookup=N`), with and without a draft;
+`--graft` adds the Dovetail lookup rows with the looked-up chain grafted onto the draft's tree
+(`infer.lookup_graft=true`).
 
 Prompts: the first questions of the six bench sets (../shared/data/bench), greedy, decoding only
 (prefill timed separately and excluded). Each configuration's tokens/s is the mean over prompts; the
-reported number is the median of `--runs` passes, configurations interleaved within each pass so
-machine noise hits all of them alike. Greedy outputs are compared with our own target-only decoding
-in the same dtype. Writes benchmarks/results/speed.json and speed.md.
+reported number is the median of `--runs` passes; within a pass the configurations take turns prompt by
+prompt so machine noise hits all of them alike. Greedy outputs are compared with our own target-only
+decoding of the same target, dtype and compile mode. Our rows also report τ and where a target forward's
+time goes (draft / verify / rest). Writes --out .json and .md after every pass (a killed run keeps
+the passes it finished).
 """
 
 from __future__ import annotations
@@ -17,20 +21,70 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
 from dovetail_infer.autotune import autotune
 from dovetail_infer.bench import KNOWN_BENCHES, conversation, load_bench
-from dovetail_infer.engine import Dovetail, InferConfig
+from dovetail_infer.engine import Dovetail, GenerationResult, InferConfig
 from dovetail_infer.models.target import Target, load_target, locate_gguf, spec_from_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-Runner = Callable[[list[int]], tuple[list[int], float]]  # prompt ids -> (new ids, decoding seconds)
+
+
+class Run(NamedTuple):
+    ids: list[int]  # new tokens
+    seconds: float  # decoding time (prefill excluded)
+    result: GenerationResult | None = None  # our engine's rows: forwards, tau and the time split
+
+
+Runner = Callable[[list[int]], Run]  # prompt ids -> one decoding
+
+
+def run_interleaved(
+    runners: dict[str, Runner],
+    prompts: list[list[int]],
+    runs: int,
+    after_pass: Callable[[int, dict[str, list[float]], dict[str, list[Run]]], None] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, list[Run]]]:
+    """`runs` passes; within a pass the rows take turns prompt by prompt (this machine's speed drifts within
+    minutes, so every row sees the same moments). Returns each row's tokens/s per pass (mean over prompts)
+    and its runs of the last pass; `after_pass(passes done, those, these)` runs after each pass."""
+    passes: dict[str, list[float]] = {k: [] for k in runners}
+    last: dict[str, list[Run]] = {}
+    for i in range(runs):
+        res: dict[str, list[Run]] = {k: [] for k in runners}
+        for p in prompts:
+            for name, run in runners.items():
+                res[name].append(run(p))
+        for name, r in res.items():
+            passes[name].append(statistics.mean(len(x.ids) / x.seconds for x in r))
+        last = res
+        if after_pass is not None:
+            after_pass(i + 1, passes, last)
+    return passes, last
+
+
+def step_split(runs: list[Run]) -> dict[str, Any]:
+    """τ and where a target forward's time goes (ms per forward: draft, verify, the rest), over our engine's runs."""
+    rs = [r.result for r in runs if r.result is not None]
+    fwd = sum(r.forwards for r in rs)
+    if not fwd:
+        return {}
+    ms = {k: round(sum(getattr(r, f"{k}_s") for r in rs) / fwd * 1e3, 2) for k in ("draft", "verify")}
+    rest = sum(r.decode_s - r.draft_s - r.verify_s for r in rs) / fwd * 1e3
+    return {
+        "tau": round(sum(r.new_tokens - 1 for r in rs) / fwd, 3),
+        **{f"{k}_ms_per_forward": v for k, v in ms.items()},
+        "rest_ms_per_forward": round(rest, 2),
+        "lookup_share": round(sum(r.lookup_forwards for r in rs) / fwd, 3),
+    }
 
 
 def target_for(name: str, dtype: str, **overrides) -> Target:
@@ -41,7 +95,7 @@ def target_for(name: str, dtype: str, **overrides) -> Target:
 def hf_runner(target: Target, n: int, **gen_kwargs) -> Runner:
     hf = target.hf_model()
 
-    def run(ids: list[int]) -> tuple[list[int], float]:
+    def run(ids: list[int]) -> Run:
         x = torch.tensor([ids])
         kw = dict(attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=target.eos_ids[0], **gen_kwargs)
         t0 = time.perf_counter()
@@ -49,15 +103,15 @@ def hf_runner(target: Target, n: int, **gen_kwargs) -> Runner:
         t1 = time.perf_counter()
         out = hf.generate(x, max_new_tokens=n, **kw)[0, len(ids) :].tolist()
         t2 = time.perf_counter()
-        return out, max(t2 - t1 - (t1 - t0), 1e-9)
+        return Run(out, max(t2 - t1 - (t1 - t0), 1e-9))
 
     return run
 
 
 def engine_runner(engine: Dovetail, cfg: InferConfig, baseline: bool = False) -> Runner:
-    def run(ids: list[int]) -> tuple[list[int], float]:
+    def run(ids: list[int]) -> Run:
         r = engine.generate_baseline(ids, cfg) if baseline else engine.generate(ids, cfg)
-        return r.output_ids, r.decode_s
+        return Run(r.output_ids, r.decode_s, r)
 
     return run
 
@@ -69,7 +123,7 @@ def llamacpp_runner(gguf: Path, n: int, threads: int) -> Runner | None:
         return None
     llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
 
-    def run(ids: list[int]) -> tuple[list[int], float]:
+    def run(ids: list[int]) -> Run:
         llm.reset()
         out, t0 = [], None
         for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
@@ -78,7 +132,7 @@ def llamacpp_runner(gguf: Path, n: int, threads: int) -> Runner | None:
             out.append(int(tok))
             if tok == llm.token_eos() or len(out) >= n:
                 break
-        return out, max(time.perf_counter() - (t0 or time.perf_counter()), 1e-9)
+        return Run(out, max(time.perf_counter() - (t0 or time.perf_counter()), 1e-9))
 
     return run
 
@@ -113,6 +167,11 @@ def main() -> None:
     ap.add_argument("--draft-quant", nargs="*", default=[], help="also the Dovetail draft weight-only quantized")
     ap.add_argument(
         "--lookup", type=int, nargs="*", default=[], help="also rows with infer.lookup=N (target-only and Dovetail)"
+    )
+    ap.add_argument(
+        "--graft",
+        action="store_true",
+        help="also the Dovetail lookup rows with the chain grafted onto the draft's tree",
     )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
     args = ap.parse_args()
@@ -152,15 +211,28 @@ def main() -> None:
         for b, d, k in shapes:
             cfg = InferConfig(budget=b, depth=d, top_k=k, max_new_tokens=n, min_prob=args.min_prob)
             runners[f"{name} b{b} d{d} k{k}"] = engine_runner(eng, cfg)
-    auto_cfg, profile = autotune(
-        engines["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob)
-    )
-    runners["dovetail auto"] = engine_runner(engines["dovetail"], auto_cfg)
+
+    def tuned(eng: Dovetail, row: str, key: str) -> list[tuple[str, Runner]]:
+        """`budget=auto` rows: chosen by autotune on two prompts, without and with each lookup; the choice and the
+        profile behind it go to the notes."""
+        out = []
+        for lk in [0, *args.lookup]:
+            a, prof = autotune(eng, prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob, lookup=lk))
+            look = f" + lookup{lk}" if lk else ""
+            notes[f"{key}{look} choice"] = f"budget {a.budget} depth {a.depth} top_k {a.top_k}"
+            notes[f"{key}{look} profile"] = prof
+            out.append((f"{row}{look}", engine_runner(eng, a)))
+        return out
+
+    runners.update(tuned(engines["dovetail"], "dovetail auto", "auto"))
     for lk in args.lookup:  # prompt lookup: with no draft (prompt-lookup decoding) and before the draft's chains
         runners[f"ours target-only + lookup{lk}"] = engine_runner(ours, InferConfig(max_new_tokens=n, lookup=lk))
         for b in args.budgets:
             cfg = InferConfig(budget=b, depth=b, top_k=1, max_new_tokens=n, min_prob=args.min_prob, lookup=lk)
             runners[f"dovetail b{b} d{b} k1 + lookup{lk}"] = engine_runner(engines["dovetail"], cfg)
+            if args.graft:
+                cfg = replace(cfg, lookup_graft=True)
+                runners[f"dovetail b{b} d{b} k1 + lookup{lk} graft"] = engine_runner(engines["dovetail"], cfg)
 
     refs = {name: "ours target-only bf16" for name in runners}  # row -> the target-only row it must equal
 
@@ -188,14 +260,13 @@ def main() -> None:
             for name, e in eng.items():
                 add(f"{name}{tag} b{budget} d{depth} k{top_k}{suffix}", engine_runner(e, cfg))
                 for lk in args.lookup if name.startswith("dovetail") else ():
-                    row = f"{name}{tag} b{budget} d{depth} k{top_k} + lookup{lk}{suffix}"
-                    add(row, engine_runner(e, replace(cfg, lookup=lk)))
+                    row = f"{name}{tag} b{budget} d{depth} k{top_k} + lookup{lk}"
+                    add(row + suffix, engine_runner(e, replace(cfg, lookup=lk)))
+                    if args.graft:
+                        add(f"{row} graft{suffix}", engine_runner(e, replace(cfg, lookup=lk, lookup_graft=True)))
         if auto:
-            a, prof = autotune(eng["dovetail"], prompts[:2], InferConfig(max_new_tokens=n, min_prob=args.min_prob))
-            add(f"dovetail{tag} auto{suffix}", engine_runner(eng["dovetail"], a))
-            key = f"{quant}{suffix} auto" if quant else f"{suffix.strip()} auto"
-            notes[f"{key} choice"] = f"budget {a.budget} depth {a.depth} top_k {a.top_k}"
-            notes[f"{key} profile"] = prof
+            for row, run in tuned(eng["dovetail"], f"dovetail{tag} auto", f"{quant or 'bf16'}{suffix} auto"):
+                add(row + suffix, run)
 
     compile_s = None
     if not args.no_compile:  # the same configurations with the target step under torch.compile (static shapes)
@@ -211,32 +282,9 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
     for run in runners.values():  # warm-up
         run(prompts[0][:64] if len(prompts[0]) > 64 else prompts[0])
-    passes: dict[str, list[float]] = {k: [] for k in runners}
-    outputs: dict[str, list[list[int]]] = {}
-    for _ in range(args.runs):
-        for name, run in runners.items():
-            res = [run(p) for p in prompts]
-            outputs[name] = [o for o, _ in res]
-            passes[name].append(statistics.mean(len(o) / s for o, s in res))
-    rows = []
-    for name in runners:
-        tps = statistics.median(passes[name])
-        ref = outputs[refs[name]]
-        same = None if "fp32" in name or "llama.cpp" in name else sum(a == b for a, b in zip(outputs[name], ref))
-        rows.append(
-            {
-                "config": name,
-                "tokens_per_s": round(tps, 2),
-                "runs": [round(x, 2) for x in passes[name]],
-                "greedy_equal": same,
-            }
-        )
-    base = next(r["tokens_per_s"] for r in rows if r["config"] == "ours target-only bf16")
-    lcpp = next((r["tokens_per_s"] for r in rows if r["config"].startswith("llama.cpp")), None)
-    for r in rows:
-        r["vs_ours_target_only"] = round(r["tokens_per_s"] / base, 3)
-        r["vs_llama_cpp"] = round(r["tokens_per_s"] / lcpp, 3) if lcpp else None
-    result = {
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
         "target": args.target,
         "prompts": len(prompts),
         "max_new_tokens": n,
@@ -244,24 +292,81 @@ def main() -> None:
         "runs": args.runs,
         "draft_vocab": args.draft_vocab,
         "min_prob": args.min_prob,
-        "auto_choice": {"budget": auto_cfg.budget, "depth": auto_cfg.depth, "top_k": auto_cfg.top_k},
-        "auto_profile": profile,
         "compile_and_autotune_s": None if compile_s is None else round(compile_s, 1),
         "quant": args.quant,
         "draft_quant": args.draft_quant,
         "lookup": args.lookup,
+        "graft": args.graft,
+        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
         "notes": notes,
-        "rows": rows,
     }
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = ["| config | tokens/s | × ours target-only | × llama.cpp | greedy = ours |", "|---|---|---|---|---|"]
-    for r in rows:
-        vs_lc = "–" if r["vs_llama_cpp"] is None else f"{r['vs_llama_cpp']:.2f}"
-        eq = "–" if r["greedy_equal"] is None else f"{r['greedy_equal']}/{len(prompts)}"
-        lines.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['vs_ours_target_only']:.2f} | {vs_lc} | {eq} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n" + "".join(f"\n{k}: {v}" for k, v in notes.items()) + "\n")
-    print("\n".join(lines))
+
+    def write(done: int, passes: dict[str, list[float]], last: dict[str, list[Run]]) -> None:
+        """Results so far, after every pass: a crash or a kill keeps the passes already run."""
+        rows = table_rows(runners, refs, passes, last)
+        write_results(out, {**meta, "passes_done": done, "rows": rows}, len(prompts))
+
+    run_interleaved(runners, prompts, args.runs, write)
+    print(out.with_suffix(".md").read_text())
+
+
+def table_rows(
+    runners: dict[str, Runner], refs: dict[str, str], passes: dict[str, list[float]], last: dict[str, list[Run]]
+) -> list[dict[str, Any]]:
+    """One row per configuration: median tokens/s, ratios, greedy equality with its reference, τ and time split."""
+    tps = {name: statistics.median(passes[name]) for name in runners if passes.get(name)}
+    base = tps.get("ours target-only bf16")
+    lcpp = next((v for k, v in tps.items() if k.startswith("llama.cpp")), None)
+    rows = []
+    for name in tps:
+        outs, ref = [r.ids for r in last[name]], [r.ids for r in last[refs[name]]]
+        same = None if "fp32" in name or "llama.cpp" in name else sum(a == b for a, b in zip(outs, ref, strict=True))
+        own = tps.get(refs[name]) if last[name][0].result is not None else None  # our engine's rows only
+        rows.append(
+            {
+                "config": name,
+                "tokens_per_s": round(tps[name], 2),
+                "runs": [round(x, 2) for x in passes[name]],
+                "greedy_equal": same,
+                "vs_its_target_only": round(tps[name] / own, 3) if own else None,
+                "vs_ours_target_only": round(tps[name] / base, 3) if base else None,
+                "vs_llama_cpp": round(tps[name] / lcpp, 3) if lcpp else None,
+                **step_split(last[name]),
+            }
+        )
+    return rows
+
+
+def write_results(out: Path, result: dict[str, Any], n_prompts: int) -> None:
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"{result['target']}, {n_prompts} prompts, {result['max_new_tokens']} new tokens, {result['threads']} threads, "
+        f"median of {result['passes_done']} of {result['runs']} passes (rows take turns prompt by prompt)",
+        "",
+        "`× its target-only`: against the target-only row of the same target, dtype and compile mode (the row its "
+        "greedy output is compared with); ms per target forward: draft / verify / rest.",
+        "",
+        "| config | tokens/s | × its target-only | × ours eager bf16 | × llama.cpp | τ | ms draft / verify / rest "
+        "| greedy = its target-only |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+
+    def num(v: float | None, fmt: str = ".2f") -> str:
+        return "–" if v is None else format(v, fmt)
+
+    for r in result["rows"]:
+        eq = "–" if r["greedy_equal"] is None else f"{r['greedy_equal']}/{n_prompts}"
+        split = (
+            f"{r['draft_ms_per_forward']:.1f} / {r['verify_ms_per_forward']:.1f} / {r['rest_ms_per_forward']:.1f}"
+            if "tau" in r
+            else "–"
+        )
+        lines.append(
+            f"| {r['config']} | {r['tokens_per_s']:.1f} | {num(r['vs_its_target_only'])} | "
+            f"{num(r['vs_ours_target_only'])} | {num(r['vs_llama_cpp'])} | {num(r.get('tau'))} | {split} | {eq} |"
+        )
+    notes = "".join(f"\n{k}: {v}" for k, v in result["notes"].items())
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n" + notes + "\n")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from dovetail_infer.models.llama import (
 )
 from dovetail_infer.models.target import Target
 from dovetail_infer.sampling import greedy_accept, gumbel_pick, log_probs, probs, sample_accept
-from dovetail_infer.tree import DraftTree, grow_tree, topk_pick
+from dovetail_infer.tree import DraftTree, graft_chain, grow_tree, topk_pick
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ class InferConfig:
     # prompt lookup: when the text so far ends in an n-gram seen before (prompt or answer), verify up to this
     # many tokens that followed it as a chain instead of drafting (no draft step; 0 = off)
     lookup: int = 0
+    # greedy only: draft the tree on lookup steps too and verify the looked-up chain as a branch of it (within
+    # max(budget, lookup) tokens) instead of alone
+    lookup_graft: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +81,13 @@ class InferConfig:
             raise ValueError(f"InferConfig.top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.lookup, bool) or not isinstance(self.lookup, int) or self.lookup < 0:
             raise ValueError(f"InferConfig.lookup must be an integer >= 0 (0 = off), got {self.lookup!r}")
+        if not isinstance(self.lookup_graft, bool):
+            raise ValueError(f"InferConfig.lookup_graft must be true or false, got {self.lookup_graft!r}")
+        if self.lookup_graft and self.temperature > 0:
+            raise ValueError(
+                "InferConfig.lookup_graft is greedy only (a looked-up branch beside sampled siblings has no draft "
+                "distribution to verify against): set temperature=0 or lookup_graft=false"
+            )
 
 
 def check_draft_quant(draft_quant: str | None) -> None:
@@ -354,14 +364,18 @@ class Dovetail:
         t_decode = time.perf_counter()
         forwards, accept_lengths, per_depth = 0, [], [0] * max(cfg.depth, cfg.lookup)
         lookups = lookup_accepted = 0
+        graft = cfg.lookup_graft and self.draft is not None
         while not stop:
             root = out[-1]
             with clock("draft"):
                 look = index.propose(cfg.lookup) if index is not None else []
-                if look:  # the text repeats an n-gram seen before: verify what followed it, no draft step
+                look_nodes = list(range(1, len(look) + 1))
+                if look and not graft:  # the text repeats an n-gram seen before: verify what followed it, no draft
                     tree, dists = DraftTree.chain(root, look), {}
                 elif self.draft is not None:
                     tree, dists = self._grow(root, pred, cfg, dgen)
+                    if look:  # the looked-up chain as a branch of the draft's tree
+                        tree, look_nodes = graft_chain(tree, look, budget)
                 else:
                     tree, dists = DraftTree.root_only(root), {}
             with clock("transfer"):  # token ids and parents (and the q rows sampling verifies with)
@@ -389,7 +403,7 @@ class Dovetail:
             forwards += 1
             accept_lengths.append(len(path) - 1)
             if look:
-                lookups, lookup_accepted = lookups + 1, lookup_accepted + len(path) - 1
+                lookups, lookup_accepted = lookups + 1, lookup_accepted + len(set(path) & set(look_nodes))
             for d in range(len(path) - 1):
                 per_depth[d] += 1
             new, stop = finish([tree.tokens[i] for i in path[1:]] + [bonus], eos, cfg.max_new_tokens - len(out))

@@ -38,6 +38,8 @@ from dovetail_infer.report import (
 
 log = logging.getLogger(__name__)
 
+# the InferConfig settings each summary row repeats
+ROW_INFER_KEYS = ("depth", "top_k", "min_prob", "lookup", "lookup_graft", "temperature", "top_p", "max_new_tokens")
 TIME_KEYS = ("prefill_s", "decode_s", "draft_s", "verify_s", "transfer_s", "other_s")
 INFER_DEFAULTS: dict[str, Any] = {
     "budget": 8,
@@ -47,6 +49,7 @@ INFER_DEFAULTS: dict[str, Any] = {
     "draft_vocab": 4096,
     "min_prob": 0.2,
     "lookup": 0,
+    "lookup_graft": False,
     "temperature": 0.0,
     "top_p": 1.0,
     "max_new_tokens": 128,
@@ -216,12 +219,7 @@ def evaluate_bench(engine, target: Target, name: str, questions: list, infer: di
         row.update(summarize(records, baseline, int(cfg.depth)))
         row["peak_draft_mem_mb"] = torch.cuda.max_memory_allocated(meta["draft_device"]) / 2**20 if cuda else None
         row["peak_rss_mb"] = peak_rss_mb()
-        row.update(
-            {
-                k: getattr(cfg, k)
-                for k in ("depth", "top_k", "min_prob", "lookup", "temperature", "top_p", "max_new_tokens")
-            }
-        )
+        row.update({k: getattr(cfg, k) for k in ROW_INFER_KEYS})
         row.update(draft_vocab=infer["draft_vocab"], **auto)
         row.update({k: v for k, v in meta.items() if k != "seed"})
         rows.append(row)

@@ -179,3 +179,35 @@ def grow_tree(
         frontier = [base + j for j in order]
         parent_rows = [j // k for j in order]
     return build_tree(root, cand_tok, cand_par, cand_score, budget), dists
+
+
+def graft_chain(tree: DraftTree, chain: Sequence[int], cap: int) -> tuple[DraftTree, list[int]]:
+    """The draft tree with a looked-up `chain` below its root, at most `cap` draft tokens in all.
+
+    The chain follows the tree's nodes while their tokens agree and continues as new nodes (cand -1: no
+    draft distribution) from there. To stay within `cap`, the draft's nodes are cut from the end: they
+    come best first and parents first, so every prefix is a tree. Returns the tree and the chain's node
+    ids (a node the draft proposed too counts for both).
+    """
+    chain = [int(t) for t in chain][:cap]
+    for keep in range(min(tree.size, cap), -1, -1):
+        kids = tree_children(tree.parents[: keep + 1])
+        node, nodes, new = 0, [], 0
+        for t in chain:
+            node = next((c for c in kids[node] if tree.tokens[c] == t), -1) if node >= 0 else -1
+            new += node < 0
+            nodes.append(node)
+        if keep + new <= cap:
+            break
+    out = DraftTree(tree.tokens[: keep + 1], tree.parents[: keep + 1], tree.depths[: keep + 1], tree.cand[: keep + 1])
+    parent = 0
+    for i, (t, node) in enumerate(zip(chain, nodes, strict=True)):
+        if node < 0:  # the chain leaves the draft's tree here: every later token is a new node
+            node = len(out.tokens)
+            out.tokens.append(t)
+            out.parents.append(parent)
+            out.depths.append(i + 1)
+            out.cand.append(-1)
+            nodes[i] = node
+        parent = node
+    return out, nodes
