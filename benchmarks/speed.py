@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from dovetail_infer.autotune import autotune
 from dovetail_infer.bench import KNOWN_BENCHES, conversation, load_bench
@@ -60,7 +61,7 @@ def run_interleaved(
     last: dict[str, list[Run]] = {}
     for i in range(runs):
         res: dict[str, list[Run]] = {k: [] for k in runners}
-        for p in prompts:
+        for p in tqdm(prompts, desc=f"pass {i + 1}/{runs} ({len(runners)} rows)", unit="prompt"):
             for name, run in runners.items():
                 res[name].append(run(p))
         for name, r in res.items():
