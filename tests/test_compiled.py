@@ -153,13 +153,16 @@ def test_max_autotune_target_step_stays_lossless(tiny_target):
 
 def test_compiled_cache_fits_each_request_eager_cache_only_grows(tiny_target, monkeypatch):
     """A compiled step attends over its whole cache buffer, so a short prompt after a long one gets a small
-    cache again; eager attention reads only the filled prefix, so there the cache just grows."""
+    cache again; eager attention reads only the filled prefix, so there the cache just grows; so does max-autotune's,
+    which would tune every bucket again for each cache size."""
     monkeypatch.setattr(CompiledForward, "warmup", lambda *a, **k: 0.0)  # sizes only: nothing to compile
     compiled = Dovetail(tiny_target, None, "cpu", compile=True)
     eager = Dovetail(tiny_target, None, "cpu")
     needs = (100, 900, 100, 1500)
     assert [compiled._caches(n, 0)[0].max_len for n in needs] == [512, 1024, 512, 1536]
     assert [eager._caches(n, 0)[0].max_len for n in needs] == [256, 1024, 1024, 1536]
+    tuned = Dovetail(tiny_target, None, "cpu", compile="max-autotune")  # every size re-tunes every bucket: grow only
+    assert [tuned._caches(n, 0)[0].max_len for n in needs] == [512, 1024, 1024, 1536]
     assert compiled._caches(2040, 0, t_new=9)[0].max_len == 2049  # the context (2048) plus a padded bucket
 
 
