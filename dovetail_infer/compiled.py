@@ -68,6 +68,9 @@ class CompiledForward:
         if mode not in MODES:
             raise ValueError(f"compile mode must be one of {sorted(MODES)}, got {mode!r}")
         self.model, self.buckets, self.skip_guards, self.mode = model, tuple(sorted(buckets)), skip_guards, mode
+        # every cache size is another graph per bucket: a smaller cache after a long prompt pays off at ~40 s of
+        # compiling per graph, not at max-autotune's ~80 s of tuning each (six bench prompts: an hour in one pass)
+        self.refit_cache = mode != "max-autotune"
         _raise_recompile_limit(1024)
         # options: a backend of its own, so graphs of different modes are never mixed up in dynamo's cache
         self._fn = torch.compile(self._static, dynamic=False, options=MODES[mode] or None)

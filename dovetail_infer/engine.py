@@ -263,11 +263,10 @@ class Dovetail:
         size = min(-(-need // step) * step, max(self.max_len, need))
         # eager attention reads only the filled prefix, so a larger cache costs nothing there; a compiled step
         # attends over the whole buffer under a mask, so after a long prompt a short one gets a smaller cache
-        # again (SmolLM2 int4, 1 token at context 300: 8.4 ms over 512 slots, 9.5 over 1024, 10.2 over 1536) —
-        # except under max-autotune, where every cache size tunes every bucket again (~80 s each; a bench of six
-        # prompts spent an hour compiling): there the cache only grows
-        shrink = compiled and forward.mode != "max-autotune"
-        if cache is None or cache.max_len < need or (shrink and cache.max_len != size):
+        # again (SmolLM2 int4, 1 token at context 300: 8.4 ms over 512 slots, 9.5 over 1024, 10.2 over 1536),
+        # unless the compiled step says recompiling for another size costs too much (`refit_cache`)
+        refit = compiled and forward.refit_cache
+        if cache is None or cache.max_len < need or (refit and cache.max_len != size):
             cache = KVCache.for_model(cfg, size, dtype=dtype, device=dev)
         if compiled:
             forward.warmup(cache, (new,), example)
