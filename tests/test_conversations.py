@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from dovetail_train.data.conversations import Conversation, load_conversations, parse_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = ROOT / "data"
 EMBEDDED = ROOT / "data" / "prompts" / "dovetail_prompts.jsonl"
 
 
@@ -160,7 +160,7 @@ def test_embedded_prompts_parse_cleanly():
     assert len({c.id for c in convs}) == len(convs)
 
 
-@pytest.mark.skipif(not (SHARED / "sharegpt").is_dir(), reason="../shared/data not present")
+@pytest.mark.skipif(not (SHARED / "sharegpt").is_dir(), reason="data/sharegpt not present")
 def test_shared_sharegpt_reports_empty_prompts(caplog):
     path = SHARED / "sharegpt" / "sharegpt_90k_first_turn_2978.json"
     with caplog.at_level(logging.INFO, logger="dovetail_train.data.conversations"):

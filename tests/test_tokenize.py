@@ -19,7 +19,7 @@ from dovetail_train.data.tokenize import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = ROOT / "data"
 LLAMA2 = target_spec("llama2_chat_7b")["chat_template"]
 
 SYSTEM = {"role": "system", "content": "You answer briefly."}
@@ -112,7 +112,7 @@ def test_template_that_alters_replies_is_an_error(tiny_target):
         tokenize_conversation(tiny_target, CHAT[2:4], 128, chat_template=upper)
 
 
-@pytest.mark.skipif(not (SHARED / "sharegpt").is_dir(), reason="../shared/data not present")
+@pytest.mark.skipif(not (SHARED / "sharegpt").is_dir(), reason="data/sharegpt not present")
 def test_real_replies_roundtrip_and_speed(tiny_target):
     convs, _ = load_conversations(SHARED / "sharegpt" / "sharegpt_smollm2_replies.jsonl")
     start = time.perf_counter()
