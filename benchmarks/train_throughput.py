@@ -1,126 +1,159 @@
-"""Training tokens/s: the Lightning DistillModule vs a plain PyTorch loop, same draft, same batches.
+"""Training tokens/s: the previous training step (reference) against today's default (contender), side by side.
 
-    python benchmarks/train_throughput.py [--target smollm2_135m] [--depth 4] [--steps 20]
+    python benchmarks/train_throughput.py [--examples 64] [--rounds 3] [--out FILE]
 
-Both sides run the same optimizer, bf16 autocast and gradient clipping over identical batches, in
-alternating rounds in one process (this machine is noisy), and the median is reported. Writes JSON to
-benchmarks/results/train_throughput.json.
+Every row trains the same depth-4 DGF draft (same init, AdamW, bf16 autocast, clipping) on the same real examples:
+the self-distilled ShareGPT set's feature cache (`experiment=cpu_draft`'s data; built on first use, ~10 min).
+Rows take turns round by round in one process (this machine's speed drifts) and the median is reported.
+
+- reference: the step before the speed-up: token loss over the full 49,152-token vocabulary, shuffled batches of 8
+  padded to their longest row;
+- one lever at a time on top of it (draft vocabulary, length-grouped batches, a compiled draft);
+- contender: the new default (`loss.draft_vocab=8192`, `data.group_by_length=true`, `compile=true`), and two
+  variants of it (batch 16, draft vocabulary 4096).
+
+tokens/s counts real (unpadded) tokens, the unit of the data. The JSON has `tokens_per_s` per row, `speedup`
+(contender / reference) and `peak_share`: the contender's useful FLOP rate over this CPU's bf16 matmul peak,
+measured in the same run with a large square product.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
+from common import RESULTS, ROOT, stamp
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from dovetail_infer.checkpoint import frequent_token_ids
 from dovetail_infer.models.draft import DraftConfig
-from dovetail_infer.models.target import load_target, spec_from_yaml
+from dovetail_infer.models.target import load_target
+from dovetail_train.data.datamodule import DistillDataModule, ResumableSampler, collate
 from dovetail_train.module import DistillModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROWS = {  # name: (draft_vocab, group_by_length, batch_size, compile)
+    "reference": (None, False, 8, False),
+    "+ draft_vocab=8192": (8192, False, 8, False),
+    "+ group_by_length": (None, True, 8, False),
+    "+ compile": (None, False, 8, True),
+    "contender": (8192, True, 8, True),
+    "contender, batch 16": (8192, True, 16, True),
+    "contender, draft_vocab=4096": (4096, True, 8, True),
+}
 
 
-def make_batches(target, n: int, batch: int, seq: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, target.config.vocab_size, (batch, seq), generator=g)
-        hidden = target.hidden_states(ids).to(torch.bfloat16)
-        mask = torch.ones(batch, seq)
-        mask[:, : seq // 3] = 0  # the prompt part
-        out.append({"input_ids": ids, "hidden": hidden, "loss_mask": mask})
-    return out
+def load_data(n: int):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=cpu_draft", f"paths.root_dir={ROOT}"])
+    target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    dm = DistillDataModule(target=target, seed=cfg.seed, **data)
+    dm.prepare_data()
+    dm.setup()
+    examples = [dm.train_set[i] for i in range(n)]
+    return target, dm, examples
 
 
-def module_for(target, depth: int) -> DistillModule:
+def batches_for(examples, batch_size: int, grouped: bool) -> list[dict[str, torch.Tensor]]:
+    lengths = [len(e["input_ids"]) for e in examples]
+    sampler = ResumableSampler(examples, seed=0, lengths=lengths if grouped else None, batch_size=batch_size)
+    order = list(sampler)
+    return [collate([examples[i] for i in order[b : b + batch_size]]) for b in range(0, len(order), batch_size)]
+
+
+def draft_flops_per_token(cfg: DraftConfig, vocab: int, assistant_share: float) -> float:
+    """Useful FLOPs per real token of one training step: the draft's products forward and backward (x3), the
+    token loss's head products (target and draft logits forward, draft backward) on assistant tokens."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.n_kv_heads * cfg.head_dim
+    layer = 2 * d * d + 2 * d * kv + 3 * d * f
+    params = cfg.depth * layer + 4 * d * d
+    return 2 * 3 * params + assistant_share * 2 * 3 * vocab * d
+
+
+def peak_bf16_flops(n: int = 2048, reps: int = 10) -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16)
+    b = torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def run_row(target, dm, examples, name: str, depth: int) -> tuple[float, int, float]:
+    vocab_size, grouped, bs, compiled = ROWS[name]
     torch.manual_seed(0)
     cfg = DraftConfig.from_target(target.config, depth=depth)
-    return DistillModule(cfg, target.embed.weight, target.lm_head.weight, optim={"warmup_steps": 1}, sim_tau_steps=0)
-
-
-def run_lightning(target, depth: int, batches) -> float:
-    module = module_for(target, depth)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=len(batches),
-        precision="bf16-mixed",
-        gradient_clip_val=0.5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+    vocab = frequent_token_ids(dm.token_counts, vocab_size) if vocab_size else None
+    module = DistillModule(
+        cfg, target.embed.weight, target.lm_head.weight, sim_tau_steps=0, vocab_ids=vocab, compile=compiled
     )
-    loader = torch.utils.data.DataLoader(batches, batch_size=None)
-    t = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader)
-    return time.perf_counter() - t
-
-
-def run_plain(target, depth: int, batches) -> float:
-    module = module_for(target, depth)
     opt = torch.optim.AdamW(module.draft.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    batches = batches_for(examples, bs, grouped)
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    padded = sum(b["input_ids"].numel() for b in batches)
     t = time.perf_counter()
-    for batch in batches:
+    for i, batch in enumerate(batches):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = _plain_loss(module, batch)
+            loss = module.compute(batch, "train", i)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.draft.parameters(), 0.5)
         opt.step()
-    return time.perf_counter() - t
-
-
-def _plain_loss(module: DistillModule, batch) -> torch.Tensor:
-    from dovetail_train.losses import distill_losses, shift_batch, uniform_noise
-
-    feat_in, tok_in, feat_tgt, mask = shift_batch(batch["input_ids"], batch["hidden"].float(), batch["loss_mask"])
-    emb = torch.nn.functional.embedding(tok_in, module.embed_weight)
-    pred = module.draft(uniform_noise(feat_in, 0.2), emb)
-    return distill_losses(pred, feat_tgt, mask, module.head)["loss"]
+    return time.perf_counter() - t, tokens, padded / tokens
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="smollm2_135m")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--examples", type=int, default=64, help="training examples per row and round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--out", default=str(RESULTS / "train_throughput" / "train_throughput.json"))
     args = ap.parse_args()
-    spec = spec_from_yaml(ROOT / "conf" / "target" / f"{args.target}.yaml", ROOT / "data" / "cache")
-    target = load_target(spec)
-    batches = make_batches(target, args.steps, args.batch, args.seq)
-    tokens = args.steps * args.batch * args.seq
-    run_plain(target, args.depth, batches[:2])  # warm-up
-    times = {"lightning": [], "plain": []}
+    target, dm, examples = load_data(args.examples)
+    seconds: dict[str, list[float]] = {r: [] for r in args.rows}
+    padding: dict[str, float] = {}
+    tokens = 0
+    compile_s = {}
+    for name in args.rows:  # warm-up (and the compiled rows' compile) outside the timed rounds
+        compile_s[name] = round(run_row(target, dm, examples[:16], name, args.depth)[0], 1)
     for _ in range(args.rounds):
-        times["plain"].append(run_plain(target, args.depth, batches))
-        times["lightning"].append(run_lightning(target, args.depth, batches))
-    med = {k: statistics.median(v) for k, v in times.items()}
+        for name in args.rows:
+            s, tokens, pad = run_row(target, dm, examples, name, args.depth)
+            seconds[name].append(s)
+            padding[name] = round(pad, 3)
+            print(f"{name}: {tokens / s:.0f} tok/s", flush=True)
+    tps = {r: tokens / statistics.median(v) for r, v in seconds.items()}
+    assistant = sum(int(e["loss_mask"].sum()) for e in examples) / tokens
+    cfg = DraftConfig.from_target(target.config, depth=args.depth)
+    flops = draft_flops_per_token(cfg, ROWS["contender"][0], assistant)
+    peak = peak_bf16_flops()
     result = {
-        "target": args.target,
+        **stamp(),
         "depth": args.depth,
-        "batch": args.batch,
-        "seq": args.seq,
-        "steps": args.steps,
-        "tokens_per_s": {k: round(tokens / v, 1) for k, v in med.items()},
-        "lightning_vs_plain": round(med["plain"] / med["lightning"], 3),
-        "seconds": times,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "torch_threads": torch.get_num_threads(),
+        "examples": args.examples,
+        "tokens_per_round": tokens,
+        "assistant_share": round(assistant, 3),
+        "rows": {r: ROWS[r] for r in args.rows},
+        "tokens_per_s": {r: round(v, 1) for r, v in tps.items()},
+        "padded_per_token": padding,
+        "speedup": round(tps["contender"] / tps["reference"], 2) if {"contender", "reference"} <= tps.keys() else None,
+        "useful_gflops": round(flops * tps.get("contender", 0) / 1e9, 1),
+        "peak_bf16_gflops": round(peak / 1e9, 1),
+        "peak_share": round(flops * tps.get("contender", 0) / peak, 3),
+        "seconds": seconds,
+        "warmup_seconds": compile_s,
     }
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("tokens_per_s", "speedup", "peak_share", "padded_per_token")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def save_draft(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
+    check_finite(sd, f"draft to export to {out}")
     tmp = out / (WEIGHTS + ".tmp")
     save_file(sd, tmp, metadata={"format": "pt"})
     tmp.replace(out / WEIGHTS)  # atomic: a crash never leaves a half-written weights file in place
@@ -51,11 +52,33 @@ def save_draft(
     return out
 
 
+IDENTITY_KEYS = ("source_id", "n_layers", "hidden_size", "vocab_size", "template_hash")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the tensors: such a draft proposes garbage silently."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{what}: non-finite values (NaN/Inf) in {len(bad)} tensor(s): {bad[:4]}")
+
+
 def read_meta(draft_dir: str | Path) -> dict[str, Any]:
+    """dovetail.json, checked: it must name the target the draft was trained for (the identity checks need it)."""
     path = Path(draft_dir) / META
     if not path.exists():
         raise FileNotFoundError(f"{draft_dir} is not a Dovetail draft dir: {META} is missing")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    target = meta.get("target") if isinstance(meta, dict) else None
+    missing = [k for k in IDENTITY_KEYS if not isinstance(target, dict) or k not in target]
+    if missing:
+        raise ValueError(
+            f"{path}: no target identity (missing target.{', target.'.join(missing)}): cannot check the draft "
+            "against the target; export drafts with dovetail_infer.checkpoint.save_draft"
+        )
+    return meta
 
 
 def check_compatible(
@@ -103,6 +126,7 @@ def load_draft(
         sd = load_file(d / WEIGHTS)
     except Exception as e:  # a pickle or a corrupted file: safetensors refuses it without running code
         raise ValueError(f"{d / WEIGHTS} is not a valid safetensors file ({e})") from e
+    check_finite(sd, str(d / WEIGHTS))
     draft = DraftModel(config)
     missing, unexpected = draft.load_state_dict(sd, strict=False)
     if missing or unexpected:
@@ -122,3 +146,16 @@ def load_token_counts(draft_dir: str | Path) -> torch.Tensor | None:
         return load_file(path)["counts"]
     except Exception as e:
         raise ValueError(f"{path} is not a valid safetensors file ({e})") from e
+
+
+def frequent_token_ids(counts: torch.Tensor, size: int | None) -> torch.Tensor | None:
+    """Ids of the `size` most frequent target tokens, sorted (EAGLE-3 style reduced draft vocabulary); None = all.
+
+    One mapping for both sides: training computes its token loss over these ids and inference proposes from them.
+    """
+    V = counts.numel()
+    if size is None or size >= V:
+        return None
+    if size < 1:
+        raise ValueError(f"draft_vocab must be >= 1 (or null for the full vocabulary), got {size}")
+    return counts.float().topk(size).indices.sort().values

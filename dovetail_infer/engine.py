@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dovetail_infer.baseline import autoregressive, finish, next_token, sync
-from dovetail_infer.checkpoint import load_draft, load_token_counts
+from dovetail_infer.checkpoint import frequent_token_ids, load_draft, load_token_counts
 from dovetail_infer.compiled import CompiledForward, compile_mode, compiled_forward
 from dovetail_infer.kv_cache import KVCache
 from dovetail_infer.lookup import NGramIndex
@@ -73,8 +73,10 @@ class InferConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"InferConfig.{name} must be an integer >= 1, got {v!r}")
-        if self.temperature < 0:
-            raise ValueError(f"InferConfig.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(
+                f"InferConfig.temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
         if not 0 <= self.min_prob < 1:
             raise ValueError(f"InferConfig.min_prob must be in [0, 1), got {self.min_prob!r}")
         if not 0 < self.top_p <= 1:
@@ -183,7 +185,7 @@ class Dovetail:
         self._dcache: KVCache | None = None
 
     def _draft_vocab(self, size: int | None, counts: torch.Tensor | None) -> torch.Tensor | None:
-        """Ids of the `size` most frequent target tokens (EAGLE-3 style reduced draft vocabulary), or None."""
+        """Ids of the `size` most frequent target tokens (the training loss's vocabulary), or None."""
         V = self.target.config.vocab_size
         if size is None or size >= V:
             return None
@@ -194,7 +196,7 @@ class Dovetail:
                 f"draft_vocab={size} needs the draft dir's token counts over the target vocabulary ({V}); "
                 "this draft has none: use draft_vocab=null"
             )
-        return counts.float().topk(size).indices.sort().values.to(self.ddev)
+        return frequent_token_ids(counts, size).to(self.ddev)
 
     @classmethod
     def from_pretrained(

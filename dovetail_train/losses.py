@@ -15,12 +15,19 @@ def shift_batch(input_ids: torch.Tensor, hidden: torch.Tensor, loss_mask: torch.
     return hidden[:, :-1], input_ids[:, 1:], hidden[:, 1:], loss_mask[:, 1:].float()
 
 
-def uniform_noise(feat: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform noise of width `std` (U(-std/2, std/2)) on the input features, as in EAGLE's training."""
+def uniform_noise(
+    feat: torch.Tensor, std: float, generator: torch.Generator | None = None, scale_by_length: bool = False
+) -> torch.Tensor:
+    """Uniform noise of width `std` (U(-std/2, std/2)) on the input features, as in EAGLE's training.
+
+    `scale_by_length` widens it by 512 / T for a batch of T positions, as the official EAGLE/Dovetail code does
+    (short batches get more noise, long ones less).
+    """
     if std <= 0:
         return feat
+    width = std * 512 / feat.shape[1] if scale_by_length else std
     noise = torch.rand(feat.shape, generator=generator, device=feat.device, dtype=feat.dtype)
-    return feat + (noise - 0.5) * std
+    return feat + (noise - 0.5) * width
 
 
 def distill_losses(
@@ -30,11 +37,18 @@ def distill_losses(
     head_weight: torch.Tensor,
     w_feat: float = 1.0,
     w_tok: float = 0.1,
+    vocab_ids: torch.Tensor | None = None,
+    full_head: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """w_feat * SmoothL1(pred, f_next) + w_tok * CE(softmax(head(f_next)), log_softmax(head(pred))).
 
-    Both terms are averaged over masked positions only; the LM head runs only on those positions,
-    which keeps a 32k-50k vocabulary affordable on a CPU.
+    Both terms are averaged over masked positions only; the LM head runs only on those positions.
+    `head_weight` holds the rows the token loss runs over: the whole LM head, or the rows of the draft vocabulary
+    `vocab_ids` (the tokens inference proposes from). Over a draft vocabulary the target's distribution is
+    renormalised over those tokens: the draft can never propose the others, so their mass teaches nothing, and the
+    feature loss still pulls the whole prediction towards f_next. `top1_acc` compares argmaxes over the same rows;
+    given `full_head`, the target's argmax is taken over the whole vocabulary instead and a target token outside
+    the draft vocabulary counts as a miss (what inference would see).
     """
     sel = mask.reshape(-1) > 0
     n = sel.sum().clamp(min=1)
@@ -48,7 +62,13 @@ def distill_losses(
         t_top = t_logits.argmax(-1)
     p_logits = (p @ w.T).float()
     tok_loss = -(t_prob * p_logits.log_softmax(-1)).sum() / n
-    top1 = (p_logits.argmax(-1) == t_top).float().sum() / n
+    with torch.no_grad():
+        p_top = p_logits.argmax(-1)
+        if full_head is not None:
+            t_top = (t @ full_head.to(p.dtype).T).argmax(-1)
+            if vocab_ids is not None:
+                p_top = vocab_ids[p_top]
+        top1 = (p_top == t_top).float().sum() / n
     return {
         "loss": w_feat * feat_loss + w_tok * tok_loss,
         "feat_loss": feat_loss.detach(),

@@ -62,6 +62,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         sim_tau_steps=cfg.sim_tau_steps,
         target_model=target.model if online else None,
         seed=cfg.seed,
+        compile=bool(cfg.get("compile", False)),
     )
     n_params = module.draft.num_trainable()
     log.info(

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, target_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_train import metrics_rows, run_train
+from test_train import TINY, metrics_rows, run_train
 
 from dovetail_infer.checkpoint import DraftMismatchError, load_draft, save_draft
 from dovetail_infer.models.draft import DraftConfig, DraftModel
@@ -90,6 +90,41 @@ def test_sigkill_mid_epoch_resumes_same_step_order_and_loss(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     meta = json.loads((crashed / "draft" / "dovetail.json").read_text())
     assert meta["summary"]["global_step"] == STEPS
+
+
+def _kill_at_step(cmd: list[str], run_dir: Path, min_step: int) -> None:
+    """Start `cmd`, SIGKILL it once a checkpoint of step >= min_step exists."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if (run_dir / "checkpoints").is_dir() and any(s >= min_step for s in _ckpt_steps(run_dir)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait(60) == -signal.SIGKILL, f"the run ended before it was killed: {proc.stderr.read()[-3000:]}"
+    proc.stderr.close()
+
+
+def test_sigkill_in_second_epoch_of_epoch_based_run_ends_bitwise_equal(tmp_path):
+    """The default, epoch-based setup: killed mid-way through epoch 2, resumed, the exported draft is bitwise the
+    uninterrupted run's (before the fix the resumed run retrained epoch 2's first batches and skipped others)."""
+    from safetensors.torch import load_file
+
+    epochs = [*[o for o in RESUME if not o.startswith("trainer.max_epochs")], "trainer.max_epochs=2"]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    run_train(*epochs, f"hydra.run.dir={full}")
+    _kill_at_step([sys.executable, "train.py", *TINY, *epochs, f"hydra.run.dir={crashed}"], crashed, 15 + 4)
+    resumed_at = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 15 < resumed_at < 30 and resumed_at % 15 != 0, resumed_at  # mid-way through the second epoch
+    run_train(*epochs, f"hydra.run.dir={crashed}", "ckpt_path=last")
+    after = _losses(crashed, version=1)
+    assert sorted(after) == list(range(resumed_at, 30))
+    a = load_file(full / "draft" / "model.safetensors")
+    b = load_file(crashed / "draft" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_resumable_loader_skips_consumed_batches():
@@ -298,6 +333,39 @@ def test_missing_dovetail_json_is_refused(tiny_target, draft_dir):
         load_draft(draft_dir, tiny_target.identity())
     with pytest.raises(FileNotFoundError, match="dovetail.json is missing"):
         Dovetail.from_pretrained(draft_dir, tiny_target, draft_device="cpu")
+
+
+@pytest.mark.parametrize("meta", [{}, {"target": {}}, {"target": {"name": "x"}}, {"target": "smollm2"}, "[1, 2"])
+def test_partial_dovetail_json_is_refused(tiny_target, draft_dir, meta):
+    """An empty or partial dovetail.json would skip every identity check: refused, naming the file."""
+    path = draft_dir / "dovetail.json"
+    path.write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    with pytest.raises(ValueError, match="dovetail.json"):
+        load_draft(draft_dir, tiny_target.identity())
+
+
+def test_non_finite_draft_is_never_saved_nor_loaded(tiny_target, draft_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    draft = DraftModel(DraftConfig.from_target(tiny_target.config, depth=1))
+    with torch.no_grad():
+        draft.fusion.w1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite.*fusion.w1.weight"):
+        save_draft(draft, tmp_path / "nan_draft", tiny_target.identity())
+    assert not (tmp_path / "nan_draft" / "model.safetensors").exists()
+    sd = load_file(draft_dir / "model.safetensors")
+    key = sorted(sd)[0]
+    sd[key] = torch.full_like(sd[key], float("inf"))
+    save_file(sd, draft_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"non-finite.*{key}"):
+        load_draft(draft_dir, tiny_target.identity())
+
+
+def test_nan_loss_stops_training_naming_step_and_part(tmp_path):
+    proc = run_train("loss.w_feat=nan", "debug=fdr", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0
+    assert "non-finite train loss at global step 0" in proc.stderr and "w_feat * feat_loss" in proc.stderr
+    assert not (tmp_path / "draft" / "model.safetensors").exists()
 
 
 # ---- mismatches: one message naming both sides, before any decoding ------------------------------------------

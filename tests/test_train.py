@@ -105,3 +105,15 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
 def test_online_features(tmp_path):
     run_train("data.features=online", "debug=fdr", f"hydra.run.dir={tmp_path}")
     assert (tmp_path / "draft" / "model.safetensors").exists()
+
+
+def test_module_defaults_are_the_train_yaml_defaults():
+    """Python-API users (DistillModule) and Hydra users (train.py) get the same recipe."""
+    from omegaconf import OmegaConf
+
+    from dovetail_train.module import LOSS_DEFAULTS, OPTIM_DEFAULTS
+
+    conf = OmegaConf.load(ROOT / "conf" / "train.yaml")
+    optim = {k: list(v) if isinstance(v, tuple) else v for k, v in OPTIM_DEFAULTS.items()}
+    assert optim == OmegaConf.to_container(conf.optim)
+    assert LOSS_DEFAULTS == OmegaConf.to_container(conf.loss)

@@ -47,15 +47,44 @@ class Subset(Dataset):
 
 class ResumableSampler(DistributedSampler):
     """Shuffles by (seed, epoch) like DistributedSampler (rank-sharded under DDP, so Lightning keeps it as is);
-    `skip` drops the first examples of one epoch's order: the ones trained on before a mid-epoch resume."""
+    `skip` drops the first examples of one epoch's order: the ones trained on before a mid-epoch resume.
 
-    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    Given `lengths` and `batch_size`, batches are length-grouped: the shuffled order is cut into windows of
+    `group` batches, each window is sorted by length and cut into batches, and the batches are shuffled. A batch
+    then pads its rows to a similar length (the draft runs over every position, padding included) while every
+    example is still seen once per epoch in a seeded order.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
+        group: int = 32,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        if lengths is not None and len(lengths) != len(dataset):
+            raise ValueError(f"lengths has {len(lengths)} entries for a dataset of {len(dataset)}")
+        self.lengths, self.batch_size, self.group = lengths, int(batch_size), int(group)
         self.skip: dict[int, int] = {}  # epoch -> examples of this rank's order to skip once
 
     def __iter__(self):
         order = list(super().__iter__())
+        if self.lengths is not None and self.batch_size > 1:
+            order = self._grouped(order)
         return iter(order[self.skip.pop(self.epoch, 0) :])
+
+    def _grouped(self, order: list[int]) -> list[int]:
+        window, bs = self.batch_size * self.group, self.batch_size
+        batches = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w : w + window], key=lambda i: self.lengths[i], reverse=True)
+            batches += [chunk[b : b + bs] for b in range(0, len(chunk), bs)]
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(batches)
+        return [i for b in batches for i in b]
 
 
 class ResumableLoader(DataLoader):
@@ -126,12 +155,16 @@ class DistillDataModule(L.LightningDataModule):
         storage_dtype: str = "bfloat16",
         verify_cache: bool = True,
         batch_size: int = 8,
+        group_by_length: bool = True,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if features not in ("offline", "online"):
             raise ValueError(f"data.features must be 'offline' or 'online', got {features!r}")
+        for key, value in (("max_length", max_length), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.target = target
@@ -141,6 +174,7 @@ class DistillDataModule(L.LightningDataModule):
         self.summary: dict[str, Any] = {}
         self.token_counts: torch.Tensor | None = None
         self._dataset: Dataset | None = None
+        self._lengths: list[int] = []
 
     def _examples(self) -> list[dict[str, list[int]]]:
         c = self.cfg
@@ -162,7 +196,8 @@ class DistillDataModule(L.LightningDataModule):
                 examples.append(ex)
         if not examples:
             raise ValueError(f"{path}: no conversation has assistant tokens within data.max_length={c['max_length']}")
-        self.summary.update(examples=len(examples), tokens=sum(len(e["input_ids"]) for e in examples))
+        self._lengths = [len(e["input_ids"]) for e in examples]
+        self.summary.update(examples=len(examples), tokens=sum(self._lengths))
         self.summary["assistant_tokens"] = sum(sum(e["loss_mask"]) for e in examples)
         # how often the target writes each token: a reduced draft vocabulary keeps the most frequent ones
         assistant = [t for e in examples for t, m in zip(e["input_ids"], e["loss_mask"]) if m]
@@ -179,8 +214,14 @@ class DistillDataModule(L.LightningDataModule):
 
     def _cache_key(self) -> dict[str, Any]:
         c = self.cfg
-        keys = ("path", "limit", "regenerate", "max_new_tokens", "max_length", "storage_dtype")
-        return {"target": self.target.identity(), "dtype": str(self.target.dtype), **{k: c[k] for k in keys}}
+        keys = ("limit", "regenerate", "max_new_tokens", "max_length", "storage_dtype")
+        path = str(Path(c["path"]).expanduser().resolve())  # the same file from any working dir: the same cache
+        return {
+            "target": self.target.identity(),
+            "dtype": str(self.target.dtype),
+            "path": path,
+            **{k: c[k] for k in keys},
+        }
 
     def prepare_data(self) -> None:
         """Runs once per node (rank 0): builds every cache, so setup() on all ranks only opens them."""
@@ -215,15 +256,36 @@ class DistillDataModule(L.LightningDataModule):
         if len(idx) < 2:
             raise ValueError(f"need at least 2 usable examples for a train/val split, got {len(idx)}")
         self.val_set, self.train_set = Subset(ds, idx[:n_val]), Subset(ds, idx[n_val:])
+        self._train_lengths = [self._lengths[i] for i in idx[n_val:]]
         self.summary.update(train_examples=len(self.train_set), val_examples=len(self.val_set))
+
+    def train_batches(self, world_size: int = 1) -> int:
+        """Batches per epoch on each rank (what the train loader will yield), without building the loader."""
+        per_rank = -(-len(self.train_set) // world_size)
+        return -(-per_rank // self.cfg["batch_size"])
+
+    def heldout_prompts(self, n: int) -> list[list[int]]:
+        """Up to n prompts of the validation split (never trained on): each example's tokens before its first
+        assistant token, i.e. the chat-templated prompt with the assistant header."""
+        prompts = []
+        for i in range(len(self.val_set)):
+            ex = self.val_set[i]
+            mask = ex["loss_mask"].tolist()
+            if 1 in mask[1:]:
+                prompts.append(ex["input_ids"][: mask.index(1, 1)].tolist())
+            if len(prompts) == n:
+                break
+        return prompts
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        bs = self.cfg["batch_size"]
+        lengths = self._train_lengths if self.cfg["group_by_length"] else None
         return ResumableLoader(
             self.train_set,
-            batch_size=self.cfg["batch_size"],
-            sampler=ResumableSampler(self.train_set, self.cfg["seed"], replicas, rank),
+            batch_size=bs,
+            sampler=ResumableSampler(self.train_set, self.cfg["seed"], replicas, rank, lengths=lengths, batch_size=bs),
             collate_fn=collate,
             num_workers=self.cfg["num_workers"],
         )

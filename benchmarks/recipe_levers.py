@@ -1,0 +1,139 @@
+"""Recipe levers on evaluated τ at equal training wall-clock, one table.
+
+    python benchmarks/recipe_levers.py --minutes 5 [--levers base unroll2 ...] [--prompts 8]
+
+Each lever is `python train.py experiment=cpu_draft <overrides> trainer.max_time=<minutes>` (the self-distilled
+ShareGPT set, the same split and seed; the LR schedule decays by time when a run is time-limited), one run after
+another on this machine alone. Then every exported draft decodes the same held-out prompts of the validation split
+(never trained on, not from the bench sets) with the real target at the paper's tree (15 draft tokens, 8 levels,
+top-k 10, full vocabulary), greedy, bf16. Writes JSON (stamped) and a Markdown table; a run already finished in
+`--runs-dir` is reused, so a killed sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, ROOT, stamp
+
+LEVERS: dict[str, list[str]] = {
+    "base": [],  # the default recipe: DGF, depth 4, noise U(-0.1, 0.1), lr 1e-3, draft vocab 8192
+    "unroll2": ["loss.unroll=2"],
+    "unroll3": ["loss.unroll=3"],
+    "noise_by_length": ["loss.noise_by_length=true"],
+    "lr3e-3": ["optim.lr=3e-3"],
+    "depth1": ["draft.depth=1"],
+    "depth2": ["draft.depth=2"],
+    "depth5": ["draft.depth=5"],
+    "concat_depth1": ["draft=eagle"],
+    "full_vocab": ["loss.draft_vocab=null"],
+}
+
+
+def train(name: str, minutes: float, runs_dir: Path, extra: list[str]) -> Path:
+    run = runs_dir / name
+    if (run / "draft" / "model.safetensors").exists():
+        return run / "draft"
+    secs = int(minutes * 60)
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=cpu_draft",
+        *LEVERS[name],
+        *extra,
+        "trainer.max_epochs=50",
+        f"trainer.max_time=00:{secs // 3600:02d}:{secs % 3600 // 60:02d}:{secs % 60:02d}",
+        "callbacks.speculative_validation.num_prompts=0",  # measured after training, on the same prompts for all
+        "callbacks.model_checkpoint.monitor=val/sim_tau",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run}",
+    ]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return run / "draft"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--levers", nargs="*", default=["base", "unroll2", "noise_by_length", "depth1", "concat_depth1"])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
+    ap.add_argument("--runs-dir", default=str(ROOT / "logs" / "levers"))
+    ap.add_argument("--out", default=str(RESULTS / "recipe_levers" / "recipe_levers.json"))
+    args = ap.parse_args()
+    runs_dir = Path(args.runs_dir)
+    drafts = {name: train(name, args.minutes, runs_dir, args.extra) for name in args.levers}
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dovetail_infer.checkpoint import load_draft, read_meta
+    from dovetail_infer.models.target import load_target
+    from dovetail_train.callbacks import SpeculativeValidation
+    from dovetail_train.data.datamodule import DistillDataModule
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=cpu_draft", f"paths.root_dir={ROOT}"])
+    target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
+    dm = DistillDataModule(target=target, seed=cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True))
+    dm.setup()
+    meter = SpeculativeValidation(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens)
+    meter.bind(target, dm.heldout_prompts(4 * args.prompts))
+    rows = []
+    for name, d in drafts.items():
+        draft, _ = load_draft(d, target.identity(), dtype=torch.float32)
+        summary = read_meta(d)["summary"]
+        t = time.perf_counter()
+        m = meter.measure(draft)
+        conf = json.loads((d / "config.json").read_text())
+        rows.append(
+            {
+                "lever": name,
+                "overrides": LEVERS[name],
+                "depth": conf["depth"],
+                "fusion": conf["fusion"],
+                "train_steps": summary["global_step"],
+                "train_seconds": summary["train_seconds"],
+                "tau": round(m["val/tau"], 3),
+                **{k.replace("val/", ""): round(v, 3) for k, v in m.items() if k != "val/tau"},
+                "eval_seconds": round(time.perf_counter() - t, 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    result = {
+        **stamp(),
+        "minutes_per_run": args.minutes,
+        "prompts": len(meter.prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "tree": {"budget": 15, "depth": 8, "top_k": 10, "draft_vocab": None},
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"Recipe levers, {args.minutes:g} min of training each (measured {result['date']} at {result['commit']}; "
+        f"{result['prompts']} held-out prompts, {args.max_new_tokens} new tokens, paper tree, greedy, bf16)",
+        "",
+        "| lever | depth | fusion | steps | τ | accept ≥1 | ≥2 | ≥3 |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['lever']} | {r['depth']} | {r['fusion']} | {r['train_steps']} | {r['tau']:.3f} | "
+            f"{r['accept_d1']:.2f} | {r['accept_d2']:.2f} | {r['accept_d3']:.2f} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
