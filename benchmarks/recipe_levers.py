@@ -4,10 +4,11 @@
 
 Each lever is `python train.py experiment=cpu_draft <overrides> trainer.max_time=<minutes>` (the self-distilled
 ShareGPT set, the same split and seed; the LR schedule decays by time when a run is time-limited), one run after
-another on this machine alone. Then every exported draft decodes the same held-out prompts of the validation split
-(never trained on, not from the bench sets) with the real target at the paper's tree (15 draft tokens, 8 levels,
-top-k 10, full vocabulary), greedy, bf16. Writes JSON (stamped) and a Markdown table; a run already finished in
-`--runs-dir` is reused, so a killed sweep resumes.
+another on this machine alone. Then every exported draft decodes, with the real target at the paper's tree (15 draft
+tokens, 8 levels, top-k 10, full vocabulary), greedy, bf16: the first question(s) of each of the six bench sets
+(the evaluated τ) and the validation split's held-out prompts as the training callback does (val τ). The JSON also
+has the rank correlations of val τ and of the training-time proxy sim τ with the evaluated τ. Writes JSON (stamped)
+and a Markdown table; a run already finished in `--runs-dir` is reused, so a killed sweep resumes.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from pathlib import Path
 from common import RESULTS, ROOT, stamp
 
 LEVERS: dict[str, list[str]] = {
-    "base": [],  # the default recipe: DGF, depth 4, noise U(-0.1, 0.1), lr 1e-3, draft vocab 8192
+    "base": [],  # experiment=cpu_draft as it is: DGF, depth 1, noise U(-0.1, 0.1), lr 1e-3, draft vocab 8192
     "unroll2": ["loss.unroll=2"],
     "unroll3": ["loss.unroll=3"],
     "noise_by_length": ["loss.noise_by_length=true"],
     "lr3e-3": ["optim.lr=3e-3"],
-    "depth1": ["draft.depth=1"],
+    "depth1": ["draft.depth=1"],  # = base: a second run of the same settings (the run-to-run spread)
+    "depth4": ["draft.depth=4"],
     "depth2": ["draft.depth=2"],
     "depth5": ["draft.depth=5"],
     "concat_depth1": ["draft=eagle"],
@@ -58,11 +60,46 @@ def train(name: str, minutes: float, runs_dir: Path, extra: list[str]) -> Path:
     return run / "draft"
 
 
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None for fewer than 3 pairs."""
+    if len(a) < 3:
+        return None
+
+    def ranks(x: list[float]) -> list[float]:
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return round(cov / var, 3) if var else None
+
+
+def last_metric(run: Path, key: str) -> float | None:
+    import csv
+
+    rows = []
+    for path in sorted((run / "csv").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            rows += [r for r in csv.DictReader(f) if r.get(key)]
+    return float(rows[-1][key]) if rows else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--levers", nargs="*", default=["base", "unroll2", "noise_by_length", "depth1", "concat_depth1"])
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--per-bench", type=int, default=1, help="bench questions per set for the evaluated τ")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
     ap.add_argument("--runs-dir", default=str(ROOT / "logs" / "levers"))
@@ -75,6 +112,7 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from dovetail_infer.bench import conversation, load_bench
     from dovetail_infer.checkpoint import load_draft, read_meta
     from dovetail_infer.models.target import load_target
     from dovetail_train.callbacks import SpeculativeValidation
@@ -85,14 +123,24 @@ def main() -> None:
     target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
     dm = DistillDataModule(target=target, seed=cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True))
     dm.setup()
-    meter = SpeculativeValidation(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens)
-    meter.bind(target, dm.heldout_prompts(4 * args.prompts))
+    # val/tau exactly as the training callback computes it (its defaults, the validation split's prompts)
+    val_meter = SpeculativeValidation()
+    val_meter.bind(target, dm.heldout_prompts(4 * val_meter.num_prompts))
+    # the evaluated τ: the first questions of the six bench sets (never trained on), paper tree, greedy
+    bench = SpeculativeValidation(num_prompts=1000, max_new_tokens=args.max_new_tokens)
+    names = ["mt_bench", "humaneval", "gsm8k", "alpaca", "qa", "sum"]
+    prompts = [
+        target.apply_chat_template(conversation(q, [], 0))
+        for n in names
+        for q in load_bench(n, ROOT / "data" / "bench", limit=args.per_bench)
+    ]
+    bench.bind(target, prompts)
     rows = []
     for name, d in drafts.items():
         draft, _ = load_draft(d, target.identity(), dtype=torch.float32)
         summary = read_meta(d)["summary"]
         t = time.perf_counter()
-        m = meter.measure(draft)
+        v, m = val_meter.measure(draft), bench.measure(draft)
         conf = json.loads((d / "config.json").read_text())
         rows.append(
             {
@@ -103,34 +151,49 @@ def main() -> None:
                 "train_steps": summary["global_step"],
                 "train_seconds": summary["train_seconds"],
                 "tau": round(m["val/tau"], 3),
-                **{k.replace("val/", ""): round(v, 3) for k, v in m.items() if k != "val/tau"},
+                **{k.replace("val/", ""): round(x, 3) for k, x in m.items() if k != "val/tau"},
+                "val_tau": round(v["val/tau"], 3),
+                "sim_tau": last_metric(d.parent, "val/sim_tau"),
                 "eval_seconds": round(time.perf_counter() - t, 1),
             }
         )
         print(rows[-1], flush=True)
+    taus = [r["tau"] for r in rows]
+    with_sim = [r for r in rows if r["sim_tau"] is not None]
     result = {
         **stamp(),
         "minutes_per_run": args.minutes,
-        "prompts": len(meter.prompts),
+        "bench_prompts": len(bench.prompts),
+        "val_prompts": len(val_meter.prompts),
         "max_new_tokens": args.max_new_tokens,
         "tree": {"budget": 15, "depth": 8, "top_k": 10, "draft_vocab": None},
         "rows": rows,
+        "spearman_val_tau_vs_tau": spearman([r["val_tau"] for r in rows], taus),
+        "spearman_sim_tau_vs_tau": spearman([r["sim_tau"] for r in with_sim], [r["tau"] for r in with_sim]),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"Recipe levers, {args.minutes:g} min of training each (measured {result['date']} at {result['commit']}; "
-        f"{result['prompts']} held-out prompts, {args.max_new_tokens} new tokens, paper tree, greedy, bf16)",
+        f"Recipe levers, {args.minutes:g} min of training each (measured {result['date']} at {result['commit']}). "
+        f"τ: {result['bench_prompts']} bench questions (the first of each set), {args.max_new_tokens} new tokens, "
+        "paper tree (15 tokens, 8 levels, top-k 10), greedy, bf16; val τ: the training callback's measure "
+        f"({result['val_prompts']} held-out prompts, 64 tokens).",
         "",
-        "| lever | depth | fusion | steps | τ | accept ≥1 | ≥2 | ≥3 |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| lever | depth | fusion | steps | τ | accept ≥1 | ≥2 | ≥3 | val τ | sim τ |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        sim = f"{r['sim_tau']:.3f}" if r["sim_tau"] is not None else "–"
         lines.append(
             f"| {r['lever']} | {r['depth']} | {r['fusion']} | {r['train_steps']} | {r['tau']:.3f} | "
-            f"{r['accept_d1']:.2f} | {r['accept_d2']:.2f} | {r['accept_d3']:.2f} |"
+            f"{r['accept_d1']:.2f} | {r['accept_d2']:.2f} | {r['accept_d3']:.2f} | {r['val_tau']:.3f} | {sim} |"
         )
+    lines += [
+        "",
+        f"Spearman(val τ, τ) = {result['spearman_val_tau_vs_tau']}; "
+        f"Spearman(sim τ, τ) = {result['spearman_sim_tau_vs_tau']}.",
+    ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -49,7 +49,7 @@ def read_questions(path: str | Path) -> list[Question]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"bench file {path} does not exist (expected JSONL with question_id and turns)")
-    out = []
+    out, seen = [], {}
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -58,7 +58,14 @@ def read_questions(path: str | Path) -> list[Question]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            out.append(parse_question(row, f"{path}:{i}"))
+            q = parse_question(row, f"{path}:{i}")
+            if q.question_id in seen:
+                raise ValueError(
+                    f"{path}:{i}: question_id {q.question_id!r} repeats line {seen[q.question_id]}: answers are matched "
+                    "to their baseline by question_id, so every id must be unique"
+                )
+            seen[q.question_id] = i
+            out.append(q)
     return out
 
 

@@ -24,6 +24,7 @@ from dovetail_infer.bench import bench_names, conversation, load_bench
 from dovetail_infer.checkpoint import CONFIG, read_meta
 from dovetail_infer.compiled import compile_mode
 from dovetail_infer.engine import Dovetail, InferConfig, check_draft_quant
+from dovetail_infer.models.draft import DraftConfig
 from dovetail_infer.models.target import Target, load_target
 from dovetail_infer.outdir import check_output_dir
 from dovetail_infer.report import (
@@ -255,7 +256,11 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     if _missing(ckpt):
         raise ValueError("ckpt is required: pass ckpt=/path/to/draft_dir (an exported draft dir with config.json)")
     ckpt = Path(str(ckpt)).expanduser()
-    draft_meta, draft_cfg = read_meta(ckpt), json.loads((ckpt / CONFIG).read_text())  # fail before loading models
+    draft_meta = read_meta(ckpt)  # fail before loading models
+    try:
+        draft_cfg = DraftConfig.from_dict(json.loads((ckpt / CONFIG).read_text())).to_dict()
+    except (OSError, ValueError, TypeError) as e:  # missing, bad JSON, unknown keys, bad values
+        raise ValueError(f"{ckpt / CONFIG}: not a valid draft config ({e})") from e
     out_dir = output_dir or cfg.get("output_dir") or (cfg.get("paths") or {}).get("output_dir")
     if _missing(out_dir):
         raise ValueError("no output dir: pass output_dir= (the Hydra entry uses the run's output dir)")
@@ -268,6 +273,9 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     infer["budgets"] = [b if b == "auto" else int(b) for b in (infer["budgets"] or [infer["budget"]])]
     for b in infer["budgets"]:  # budget / depth / top_k <= 0 fail here, before any model is loaded
         _infer_config(infer, 1 if b == "auto" else b, 0)
+    ml = infer["max_len"]
+    if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 2):
+        raise ValueError(f"infer.max_len must be null (the target's context) or an integer >= 2, got {ml!r}")
     mode = compile_mode(infer["compile"])  # a bad infer.compile or infer.draft_quant fails here too
     check_draft_quant(infer["draft_quant"])
     bench_cfg = cfg.get("bench") or {"name": "humaneval_pkg"}
@@ -306,9 +314,14 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
         rows += evaluate_bench(engine, target, name, questions, infer, meta, out / "answers")
         (out / "summary.json").write_text(json.dumps(rows, indent=2))  # after each bench: partial runs keep results
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    if rows:
-        write_report(rows, out)
-        print(text_table(rows), flush=True)
+    if not rows:
+        raise ValueError(
+            f"nothing was evaluated: every prompt of {', '.join(benches)} was skipped (prompt + "
+            f"infer.max_new_tokens={infer['max_new_tokens']} + budget past the context; infer.max_len="
+            f"{infer['max_len']}); lower infer.max_new_tokens or pick shorter prompts"
+        )
+    write_report(rows, out)
+    print(text_table(rows), flush=True)
     return rows
 
 
@@ -336,14 +349,31 @@ def evaluate_sweep(cfg: dict[str, Any] | Any, output_dir: str | Path | None = No
     if _missing(out_dir):
         raise ValueError("no output dir: pass output_dir= (the Hydra entry uses the run's output dir)")
     out = check_output_dir(str(out_dir))  # fail before loading the target
-    metas = {d.parent.name: read_meta(d) for d in drafts}
+    metas, failed = {}, {}
+    for d in drafts:  # a broken draft is reported and skipped, not the end of the sweep
+        try:
+            metas[d.parent.name] = read_meta(d)
+        except (OSError, ValueError) as e:
+            failed[d.parent.name] = str(e)
     swept = varying_config(metas)
     target, rows = load_eval_target(cfg), []
     for d in drafts:
         run = d.parent.name
-        run_rows = evaluate({**cfg, "ckpt": str(d), "sweep": None}, out / run, target)
+        if run in failed:
+            continue
+        try:
+            run_rows = evaluate({**cfg, "ckpt": str(d), "sweep": None}, out / run, target)
+        except (OSError, ValueError) as e:  # DraftMismatchError and bad files included
+            failed[run] = str(e)
+            log.error("sweep run %s: %s; skipped", run, e)
+            continue
         rows += [{"run": run, **r, **run_summary(metas[run]), **swept[run]} for r in run_rows]
         write_sweep_report(rows, out)  # after each run: an interrupted sweep keeps what it measured
+    (out / "sweep_failed.json").write_text(json.dumps(failed, indent=2))
+    if not rows:
+        raise ValueError(f"sweep={root}: no run could be evaluated: {failed}")
     write_sweep_report(rows, out)
     print(sweep_table(rows), flush=True)
+    if failed:
+        log.error("sweep: %d of %d runs failed (sweep_failed.json): %s", len(failed), len(drafts), sorted(failed))
     return rows

@@ -47,7 +47,9 @@ class SpeculativeValidation(L.Callback):
 
     def bind(self, target: Any, prompts: list[list[int]], token_counts: torch.Tensor | None = None) -> None:
         self.target = target
-        self.prompts = [p for p in prompts if 0 < len(p) <= self.max_prompt_tokens][: self.num_prompts]
+        room = int(target.config.max_position_embeddings) - self.cfg.max_new_tokens - self.cfg.budget - 1
+        limit = min(self.max_prompt_tokens, room)  # prompts that leave room for the reply and the tree
+        self.prompts = [p for p in prompts if 0 < len(p) <= limit][: self.num_prompts]
         self.token_counts = token_counts
         if not self.prompts and self.num_prompts:
             log.warning(

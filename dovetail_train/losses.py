@@ -87,29 +87,38 @@ def simulated_tau(
     mask: torch.Tensor,
     head_weight: torch.Tensor,
     steps: int,
+    draft_head: torch.Tensor | None = None,
+    vocab_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expected accepted length of a `steps`-token chain rolled out from the draft's own features.
 
     Step s feeds the draft the features it predicted at step s-1 (shifted by one position), so the
     chain starting at position i is accepted while the draft's argmax token matches the target's at
     i, i+1, ...; τ = 1 + mean accepted tokens over assistant positions (the target's bonus token).
+    The target's argmax is over the full head; the draft's over `draft_head` (the draft vocabulary's rows, ids
+    `vocab_ids`) when given, as inference proposes. Head products run on assistant positions only.
     A cheap proxy of true speculative decoding, computed in `steps` parallel draft forwards.
     """
+    valid = mask > 0
     w = head_weight.to(feat_in.dtype)
-    t_top = (target @ w.T).argmax(-1)  # (B, T) the target's next token at each position
+    dh = w if draft_head is None else draft_head.to(feat_in.dtype)
+    t_top = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)  # -1 / -2: never equal off the mask
+    t_top[valid] = (target[valid].to(w.dtype) @ w.T).argmax(-1)
     feats = feat_in
-    alive = mask > 0
+    alive = valid
     accepted = torch.zeros_like(mask, dtype=torch.float32)
     T = feat_in.shape[1]
     for s in range(steps):
         pred = draft_fn(feats, tok_emb)
-        match = (pred @ w.T).argmax(-1) == t_top  # (B, T)
+        p_top = torch.full_like(t_top, -2)
+        top = (pred[valid].to(dh.dtype) @ dh.T).argmax(-1)
+        p_top[valid] = top if vocab_ids is None else vocab_ids[top]
+        match = p_top == t_top  # (B, T)
         # the chain starting at i uses step s's prediction at position i + s
         shifted = torch.zeros_like(alive)
         if s < T:
-            shifted[:, : T - s] = match[:, s:] & (mask[:, s:] > 0)
+            shifted[:, : T - s] = match[:, s:]
         alive = alive & shifted
         accepted += alive.float()
         feats = torch.cat([feat_in[:, :1], pred[:, :-1]], dim=1)
-    valid = mask > 0
     return 1.0 + accepted[valid].mean() if valid.any() else torch.tensor(1.0)

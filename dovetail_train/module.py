@@ -76,6 +76,7 @@ class DistillModule(L.LightningModule):
         # the draft's forward, compiled or not; kept outside the module tree so checkpoints name `draft.*` only.
         # dynamic shapes: one graph for every batch length (benchmarks/train_throughput.py measures the gain)
         self._draft_fn = [torch.compile(self.draft, dynamic=True) if compile else self.draft]
+        self.last_val_step = -1  # the global step of the latest finished validation
 
     @property
     def head(self) -> torch.Tensor:
@@ -125,7 +126,10 @@ class DistillModule(L.LightningModule):
             out["loss"] = self._unrolled_loss(out["loss"], pred, feat_in, emb, feat_tgt, mask)
         self._check_finite(out, split)
         if split == "val" and self.sim_tau_steps > 0:
-            out["sim_tau"] = simulated_tau(self.draft, feat_in, emb, feat_tgt, mask, self.head, self.sim_tau_steps)
+            out["sim_tau"] = simulated_tau(
+                self._draft_fn[0], feat_in, emb, feat_tgt, mask, self.head, self.sim_tau_steps,
+                self.loss_head, self.vocab_ids,
+            )  # fmt: skip
         return out
 
     def _step(self, batch: dict[str, torch.Tensor], split: str, batch_idx: int = 0) -> dict[str, torch.Tensor]:
@@ -171,6 +175,10 @@ class DistillModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.global_step
 
     def _total_steps(self) -> int:
         """Optimizer steps of the whole run, without building the train loader.

@@ -17,7 +17,7 @@ from dovetail_infer.checkpoint import save_draft
 from dovetail_infer.models.draft import DraftConfig
 from dovetail_infer.models.target import load_target
 from dovetail_infer.outdir import check_output_dir
-from dovetail_train.data.datamodule import DistillDataModule
+from dovetail_train.data.datamodule import DistillDataModule, check_data_config
 from dovetail_train.module import DistillModule
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,32 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
     return ckpt_path
 
 
+def check_fresh_run_dir(out_dir: Path, ckpt_path: str | None) -> None:
+    """A run dir that holds another run's checkpoints or draft is only reused to resume it: a second run there would
+    replace its draft and mix the two runs' checkpoints (`last.ckpt` vs `last-v1.ckpt`)."""
+    if ckpt_path not in (None, "", "null"):
+        return
+    old = sorted(p.name for p in (out_dir / "checkpoints").glob("*.ckpt")) if (out_dir / "checkpoints").is_dir() else []
+    if old or (out_dir / "draft" / "model.safetensors").exists():
+        raise FileExistsError(
+            f"{out_dir} already holds a training run ({', '.join(old[:3]) or 'draft/'}): resume it with "
+            f"ckpt_path=last hydra.run.dir={out_dir}, or train into a fresh dir (omit hydra.run.dir for a new "
+            "timestamped one)"
+        )
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     out_dir = check_output_dir(cfg.paths.output_dir)
+    check_fresh_run_dir(out_dir, cfg.get("ckpt_path"))
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    check_data_config(data_cfg)  # bad data settings fail before the target loads (minutes for a 7B)
+    draft_overrides = OmegaConf.to_container(cfg.draft, resolve=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(int(cfg.get("num_threads") or os.cpu_count() or 1))
     t0 = time.time()
     target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
-    draft_cfg = DraftConfig.from_target(target.config, **OmegaConf.to_container(cfg.draft, resolve=True))
-    datamodule = DistillDataModule(target=target, seed=cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True))
+    draft_cfg = DraftConfig.from_target(target.config, **draft_overrides)
+    datamodule = DistillDataModule(target=target, seed=cfg.seed, **data_cfg)
     online = cfg.data.features == "online"
     module = DistillModule(
         draft_cfg,
@@ -73,6 +91,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    if not trainer.fast_dev_run and trainer.limit_val_batches != 0 and module.last_val_step != trainer.global_step:
+        # stopped by time or steps after the last validation: the printed metrics describe the exported weights
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     train_s = time.time() - t0
     draft_dir = None

@@ -194,3 +194,46 @@ def test_fuzz_rows_kept_or_counted_once(rows):
     for c in convs:
         assert any(m["role"] == "user" for m in c.messages)
         assert all(isinstance(m["content"], str) and m["content"].strip() for m in c.messages)
+
+
+ROW = {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+
+
+def test_a_bad_utf8_byte_skips_one_row_not_the_file(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps(ROW).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good.replace(b"Hello", b"Hel\xfflo") + b"\n" + good + b"\n")
+    convs, report = load_conversations(path)
+    assert len(convs) == 2 and report.counts == {"invalid_text": 1}
+    assert "line 2" in report.summary()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["wrapped", "pretty_list", "pretty_object", "single_object", "utf16", "bom_json"],
+)
+def test_sharegpt_dumps_in_other_shapes(tmp_path, shape):
+    rows = [ROW, {**ROW, "id": "b"}]
+    path = tmp_path / "data.json"
+    if shape == "wrapped":
+        path.write_text(json.dumps({"version": 1, "data": rows}))
+    elif shape == "pretty_list":
+        path.write_text(json.dumps(rows, indent=2))
+    elif shape == "pretty_object":
+        path.write_text(json.dumps({"data": rows}, indent=2))
+    elif shape == "single_object":
+        path.write_text(json.dumps(ROW, indent=2))
+        rows = rows[:1]
+    elif shape == "utf16":
+        path.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode("utf-16"))
+    else:
+        path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    convs, report = load_conversations(path)
+    assert [c.id for c in convs] == [r["id"] for r in rows] and report.skipped == 0
+
+
+def test_an_object_wrapping_no_single_list_names_its_keys(tmp_path):
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({"a": [ROW], "b": [ROW]}))
+    with pytest.raises(ValueError, match=r"odd\.json: a JSON object with keys \['a', 'b'\]"):
+        load_conversations(path)

@@ -133,6 +133,36 @@ def test_too_long_prompts_are_skipped(tiny_target, draft_dir, tmp_path):
     assert (row["n_questions"], row["n_prompts"], row["n_skipped"]) == (2, 1, 1)
 
 
+def test_nothing_evaluated_is_an_error_not_exit_0(tiny_target, draft_dir, tmp_path):
+    rows = [{"question_id": 7, "turns": ["word " * 3000]}]
+    cfg = _cfg(draft_dir, _write_jsonl(tmp_path / "q.jsonl", rows), budgets=[2], warmup=0)
+    with pytest.raises(ValueError, match="nothing was evaluated"):
+        evaluate(cfg, tmp_path / "out", target=tiny_target)
+    with pytest.raises(ValueError, match="infer.max_len"):
+        evaluate(_cfg(draft_dir, _write_jsonl(tmp_path / "q2.jsonl", QUESTIONS), max_len=-1), tmp_path / "o2")
+
+
+def test_duplicate_question_ids_are_refused(tmp_path):
+    """Answers are matched to their baseline by question_id: a repeated id would compare two questions."""
+    path = _write_jsonl(tmp_path / "dup.jsonl", [QUESTIONS[0], QUESTIONS[1], {**QUESTIONS[1], "turns": ["x"]}])
+    with pytest.raises(ValueError, match=r"dup\.jsonl:3: question_id 2 repeats line 2"):
+        read_questions(path)
+
+
+def test_sweep_skips_a_broken_draft_and_reports_it(tiny_target, draft_dir, bench_file, tmp_path):
+    import shutil
+
+    for run in ("run_a", "run_b"):
+        shutil.copytree(draft_dir, tmp_path / "sweep" / run / "draft")
+    (tmp_path / "sweep" / "run_a" / "draft" / "model.safetensors").write_bytes(b"broken")
+    cfg = {**_cfg(draft_dir, bench_file, budgets=[2], max_new_tokens=4, warmup=0), "sweep": str(tmp_path / "sweep")}
+    cfg["bench"]["limit"] = 1
+    rows = evaluate_sweep(cfg, tmp_path / "out")
+    assert [r["run"] for r in rows] == ["run_b"]
+    failed = json.loads((tmp_path / "out" / "sweep_failed.json").read_text())
+    assert list(failed) == ["run_a"] and "not a valid safetensors file" in failed["run_a"]
+
+
 def test_missing_ckpt_is_a_clear_error(bench_file, tmp_path):
     with pytest.raises(ValueError, match="ckpt is required"):
         evaluate({**_cfg(tmp_path, bench_file), "ckpt": "???"}, tmp_path)
@@ -186,9 +216,9 @@ def test_humaneval_pkg_and_limit(bench_file):
 
 
 def test_shared_mt_bench_has_two_turns():
-    root = ROOT.parent / "shared" / "data" / "bench"
+    root = ROOT / "data" / "bench"
     if not (root / "mt_bench" / "question.jsonl").exists():
-        pytest.skip("shared bench data not present")
+        pytest.skip("data/bench not present")
     qs = load_bench("mt_bench", root=root, limit=2)
     assert len(qs) == 2 and all(len(q.turns) == 2 for q in qs)
 

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---- crash-resume of training -------------------------------------------------------------------------------
 RESUME = [
     "target=tiny_random",
+    "data=default",
+    "compile=false",
     "draft.depth=1",
     "data.limit=32",
     "data.max_new_tokens=16",
@@ -36,6 +38,7 @@ RESUME = [
     "trainer.precision=32-true",
     "trainer.log_every_n_steps=1",
     "trainer.max_epochs=-1",
+    "trainer.max_time=null",
     "trainer.enable_progress_bar=false",
     "callbacks.model_checkpoint.every_n_train_steps=1",
     "callbacks.model_checkpoint.monitor=null",
@@ -366,6 +369,52 @@ def test_nan_loss_stops_training_naming_step_and_part(tmp_path):
     assert proc.returncode != 0
     assert "non-finite train loss at global step 0" in proc.stderr and "w_feat * feat_loss" in proc.stderr
     assert not (tmp_path / "draft" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data=sharegpt"], "data.path is required for data=sharegpt"),
+        (["data.max_length=-5"], "data.max_length must be a positive integer, got -5"),
+        (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0"),
+        (["draft.intermediate_size=0"], "draft intermediate_size must be a positive integer, got 0"),
+        (["loss.unroll=0"], "loss.unroll must be >= 1"),
+    ],
+)
+def test_bad_training_settings_fail_naming_the_key(tmp_path, overrides, expected):
+    proc = run_train(*overrides, "debug=fdr", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
+
+
+def test_unwritable_run_dir_names_the_dir(tmp_path):
+    """As root chmod does not stop writes: a run dir below a regular file cannot be created."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_train("debug=fdr", f"hydra.run.dir={blocker / 'run'}", check=False)
+    assert proc.returncode != 0
+    assert "not writable" in proc.stderr and str(blocker) in proc.stderr, proc.stderr[-2000:]
+
+
+def test_rerun_into_a_finished_run_dir_is_refused(tmp_path):
+    """Without ckpt_path a second run would replace draft/ and mix its checkpoints with the first run's."""
+    run_train("debug=fdr", f"hydra.run.dir={tmp_path}")
+    before = (tmp_path / "draft" / "model.safetensors").read_bytes()
+    proc = run_train("debug=fdr", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "already holds a training run" in proc.stderr and "ckpt_path=last" in proc.stderr
+    assert (tmp_path / "draft" / "model.safetensors").read_bytes() == before
+
+
+def test_an_over_long_prompt_is_skipped_not_regenerated(tiny_target, tmp_path):
+    from dovetail_train.data.conversations import Conversation
+    from dovetail_train.data.regenerate import regenerate
+
+    convs = [
+        Conversation("short", [{"role": "user", "content": "Say hi"}]),
+        Conversation("huge", [{"role": "user", "content": "word " * 20_000}]),
+        Conversation("short2", [{"role": "user", "content": "Count to three"}]),
+    ]
+    out = regenerate(tiny_target, convs, tmp_path, max_new_tokens=4, batch_size=2, progress=False, max_prompt_tokens=64)
+    assert [c.id for c in out] == ["short", "short2"]
 
 
 # ---- mismatches: one message naming both sides, before any decoding ------------------------------------------

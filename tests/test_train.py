@@ -10,11 +10,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["target=tiny_random", "data.regen_batch_size=16"]
+# the tiny random target, eager (compiling costs more than it saves on a tiny draft; test_fast_dev_run compiles)
+TINY = ["target=tiny_random", "data.regen_batch_size=16", "compile=false"]
 
 
 def run_train(*overrides: str, multirun: bool = False, check: bool = True, timeout: int = 600):
-    cmd = [sys.executable, "train.py", *(["-m"] if multirun else []), *TINY, *overrides]
+    """`python train.py` on the tiny target; the embedded prompts (`data=default`) unless the overrides pick data."""
+    data = [] if any(o.startswith(("data=", "experiment=")) for o in overrides) else ["data=default"]
+    keys = {o.split("=", 1)[0] for o in overrides}
+    tiny = [o for o in TINY if o.split("=", 1)[0] not in keys]  # an explicit override replaces the tiny default
+    cmd = [sys.executable, "train.py", *(["-m"] if multirun else []), *tiny, *data, *overrides]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
@@ -32,7 +37,7 @@ def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 def test_fast_dev_run_exports_a_draft_dir(tmp_path):
-    proc = run_train("draft.depth=4", "debug=fdr", f"hydra.run.dir={tmp_path}")
+    proc = run_train("draft.depth=4", "debug=fdr", "compile=true", f"hydra.run.dir={tmp_path}")
     conf = json.loads((tmp_path / "draft" / "config.json").read_text())
     assert conf["depth"] == 4 and conf["fusion"] == "dgf"
     meta = json.loads((tmp_path / "draft" / "dovetail.json").read_text())

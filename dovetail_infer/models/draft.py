@@ -32,6 +32,12 @@ class DraftConfig:
     max_position_embeddings: int = 4096
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "n_heads", "n_kv_heads", "vocab_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"draft {name} must be a positive integer, got {v!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"draft n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if not isinstance(self.depth, int) or self.depth < 1:
             raise ValueError(f"draft depth must be an integer >= 1, got {self.depth!r}")
         if self.fusion not in FUSIONS:

@@ -30,6 +30,7 @@ ROLES = {
 }
 REASONS = {
     "invalid_json": "a JSONL line that is not valid JSON",
+    "invalid_text": "a JSONL line that is not valid text in the file's encoding (UTF-8 unless a BOM says otherwise)",
     "not_an_object": "the row is not a JSON object",
     "no_conversations": "no `conversations` / `messages` list",
     "empty_conversations": "the turn list is empty",
@@ -45,6 +46,7 @@ REASONS = {
 MAX_EXAMPLES = 3
 _INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
 _INVALID_JSON = object()  # stands for a JSONL line that failed to parse
+_INVALID_TEXT = object()  # stands for a JSONL line with bytes that do not decode
 
 
 @dataclass
@@ -166,6 +168,8 @@ def parse_rows(
         try:
             if row is _INVALID_JSON:
                 raise SkipRow("invalid_json")
+            if row is _INVALID_TEXT:
+                raise SkipRow("invalid_text")
             messages = validate_row(row, require_reply=require_reply, max_chars=max_chars)
         except SkipRow as skip:
             report.add(skip.reason, where)
@@ -175,25 +179,70 @@ def parse_rows(
     return out, report
 
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _encoding(head: bytes) -> str:
+    """UTF-8 unless a byte-order mark says UTF-8-with-BOM or UTF-16."""
+    return next((enc for bom, enc in _BOMS if head.startswith(bom)), "utf-8")
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {n}", json.loads(line)
-            except json.JSONDecodeError:
-                yield f"line {n}", _INVALID_JSON
+    """JSON lines; a line that is not JSON or not valid text in the file's encoding is one skipped row."""
+    raw = path.read_bytes()
+    enc = _encoding(raw[:4])
+    if enc == "utf-16":  # no byte-level line split for UTF-16: decode the file, undecodable bytes replaced
+        lines = [(line.encode("utf-8"), "utf-8") for line in raw.decode("utf-16", errors="replace").splitlines()]
+    else:
+        lines = [(line, "utf-8-sig" if n == 0 else "utf-8") for n, line in enumerate(raw.splitlines())]
+    for n, (line, line_enc) in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {n}", json.loads(line.decode(line_enc))
+        except UnicodeDecodeError:
+            yield f"line {n}", _INVALID_TEXT
+        except json.JSONDecodeError:
+            yield f"line {n}", _INVALID_JSON
+
+
+def _unwrap(data: Any, path: Path) -> list[Any]:
+    """A JSON list of rows; or an object wrapping one (`{"data": [...]}`); or a single conversation object."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        if any(k in data for k in ("conversations", "messages")):
+            return [data]
+        lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        if len(lists) == 1:
+            return data[lists[0]]
+        raise ValueError(
+            f"{path}: a JSON object with keys {sorted(data)[:8]}; expected a list of conversations or an object "
+            "wrapping exactly one such list"
+        )
+    raise ValueError(f"{path}: expected a JSON list of conversations, got a {type(data).__name__}")
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode(_encoding(raw[:4]))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid {e.encoding} text at byte {e.start}; re-encode the file as UTF-8") from e
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); expected a JSON list of conversations or JSON lines") from e
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations, got a {type(data).__name__}")
-    yield from ((f"row {i}", row) for i, row in enumerate(data))
+    yield from ((f"row {i}", row) for i, row in enumerate(_unwrap(data, path)))
+
+
+def _whole_json_object(path: Path) -> bool:
+    """A (possibly pretty-printed) single JSON object rather than JSON lines."""
+    raw = path.read_bytes()
+    try:
+        return isinstance(json.loads(raw.decode(_encoding(raw[:4]))), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def _dataset_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -211,8 +260,12 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
     if path.is_dir():
         return _dataset_rows(path)
     with path.open("rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    return _json_rows(path) if head.startswith(b"[") else _jsonl_rows(path)
+        head = f.read(4096)
+    enc = _encoding(head)
+    start = head.decode(enc, errors="ignore").lstrip("\ufeff \t\r\n")[:1]
+    if start == "[" or (start == "{" and _whole_json_object(path)):
+        return _json_rows(path)
+    return _jsonl_rows(path)
 
 
 def load_conversations(

@@ -137,6 +137,26 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_data_config(c: dict[str, Any]) -> None:
+    """The data settings' own errors, named by key: raised before any model loads (`pipeline.train` calls it first)."""
+    path, name = c.get("path"), c.get("name", "data")
+    features, val_fraction = c.get("features", "offline"), c.get("val_fraction", 0.1)
+    if not path or str(path) in ("???", "None", "null"):
+        raise ValueError(
+            f"data.path is required for data={name}: pass data.path=FILE (ShareGPT JSON/JSONL or HF dataset folder)"
+        )
+    if features not in ("offline", "online"):
+        raise ValueError(f"data.features must be 'offline' or 'online', got {features!r}")
+    for key in ("max_length", "batch_size", "max_new_tokens", "regen_batch_size"):
+        value = c.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
+    if c.get("limit") is not None and (not isinstance(c["limit"], int) or c["limit"] < 1):
+        raise ValueError(f"data.limit must be null or a positive integer, got {c['limit']!r}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+
+
 class DistillDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -160,13 +180,7 @@ class DistillDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if features not in ("offline", "online"):
-            raise ValueError(f"data.features must be 'offline' or 'online', got {features!r}")
-        for key, value in (("max_length", max_length), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        check_data_config(dict(locals()))
         self.target = target
         self.cfg = dict(locals())
         for k in ("self", "target", "__class__"):
@@ -181,19 +195,28 @@ class DistillDataModule(L.LightningDataModule):
         path = Path(c["path"]).expanduser()
         convs, report = load_conversations(path, limit=c["limit"], require_reply=not c["regenerate"])
         self.summary.update(data_path=str(path), rows=len(convs), skipped=dict(report.counts))
+        skipped = self.summary["skipped"]
         if c["regenerate"]:
+            n_in = len(convs)
             convs = regenerate(
                 self.target,
                 convs,
                 cache_dir=Path(c["cache_dir"]) / "regenerated",
                 max_new_tokens=c["max_new_tokens"],
                 batch_size=c["regen_batch_size"],
+                max_prompt_tokens=c["max_length"] - 1,  # at least one reply token must fit in an example
             )
+            if n_in > len(convs):
+                skipped["prompt_too_long"] = n_in - len(convs)
         examples = []
         for conv in convs:
             ex = tokenize_conversation(self.target, conv.messages, max_length=c["max_length"])
             if sum(ex["loss_mask"][1:]) > 0:
                 examples.append(ex)
+            else:
+                skipped["no_reply_within_max_length"] = skipped.get("no_reply_within_max_length", 0) + 1
+        if skipped:
+            log.warning("data: skipped rows by reason: %s", skipped)
         if not examples:
             raise ValueError(f"{path}: no conversation has assistant tokens within data.max_length={c['max_length']}")
         self._lengths = [len(e["input_ids"]) for e in examples]

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dovetail_infer.models.target import file_sha256
+from dovetail_infer.outdir import check_free_space, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,13 @@ def build_feature_cache(
     fields = cache_key(target, examples, key, storage_dtype)
     folder = Path(cache_root) / f"features-{_digest(fields)}"
     folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder / ".lock", f"feature cache {folder}"):
+        return _build_locked(
+            target, examples, folder, fields, storage_dtype, shard_rows, batch_tokens, verify, progress
+        )
+
+
+def _build_locked(target, examples, folder: Path, fields, storage_dtype, shard_rows, batch_tokens, verify, progress):
     n_shards = (len(examples) + shard_rows - 1) // shard_rows
     manifest = {
         "version": FORMAT_VERSION,
@@ -200,6 +208,8 @@ def build_feature_cache(
         dtype = STORAGE_DTYPES[storage_dtype]
         spans = [range(s * shard_rows, min(len(examples), (s + 1) * shard_rows)) for s in todo]
         total = sum(len(examples[i]["input_ids"]) for span in spans for i in span)
+        need = int(total * (target.config.hidden_size * dtype.itemsize + 16) * 1.05)
+        check_free_space(folder, need, f"the feature cache ({total} tokens)")
         with tqdm(total=total, unit="tok", desc="features", disable=not progress) as bar:
             for s, span in zip(todo, spans):
                 name = f"shard-{s:05d}.arrow"

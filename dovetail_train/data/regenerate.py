@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dovetail_infer.kv_cache import KVCache
+from dovetail_infer.outdir import file_lock
 from dovetail_train.data.conversations import Conversation
 
 log = logging.getLogger(__name__)
@@ -165,18 +166,34 @@ def regenerate(
     batch_size: int = 32,
     engine: str = "static",
     progress: bool = True,
+    max_prompt_tokens: int | None = None,
 ) -> list[Conversation]:
     """Conversations whose final reply the target wrote (greedy, target dtype), cached and resumable.
 
-    Returns one Conversation per input, in input order: the prompt messages (up to the last user turn)
-    followed by the target's reply, EOS and special tokens removed from the text.
+    Returns one Conversation per input that fits, in input order: the prompt messages (up to the last user turn)
+    followed by the target's reply, EOS and special tokens removed from the text. A prompt longer than
+    `max_prompt_tokens` or than the target's context minus `max_new_tokens` is skipped (logged, not returned): one
+    over-long row must not exhaust memory or fail the run.
     """
     if engine not in ENGINES:
         raise ValueError(f"regenerate engine must be one of {ENGINES}, got {engine!r}")
-    decode = greedy_static if engine == "static" else greedy_hf
+    limit = int(target.config.max_position_embeddings) - max_new_tokens
+    limit = min(limit, max_prompt_tokens) if max_prompt_tokens else limit
     prompts = prompt_ids(target, conversations)
+    keep = [i for i, p in enumerate(prompts) if len(p) <= limit]
+    if len(keep) < len(prompts):
+        longest = max(len(p) for p in prompts)
+        log.warning("regenerate: %d of %d prompts longer than %d tokens skipped (longest %d)",
+                    len(prompts) - len(keep), len(prompts), limit, longest)  # fmt: skip
+        conversations, prompts = [conversations[i] for i in keep], [prompts[i] for i in keep]
     folder = Path(cache_dir) / f"regen-{regen_key(target, prompts, max_new_tokens, engine)}"
     folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder / ".lock", f"regeneration cache {folder}"):
+        return _regenerate_locked(target, conversations, prompts, folder, engine, max_new_tokens, batch_size, progress)
+
+
+def _regenerate_locked(target, conversations, prompts, folder: Path, engine, max_new_tokens, batch_size, progress):
+    decode = greedy_static if engine == "static" else greedy_hf
     part = folder / "part.jsonl"
     meta = {"target": target.identity(), "dtype": str(target.dtype), "max_new_tokens": max_new_tokens}
     (folder / "meta.json").write_text(json.dumps({**meta, "engine": engine, "n": len(prompts)}, indent=1))
