@@ -22,9 +22,11 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ from dovetail_infer.models.llama import (
 )
 from dovetail_infer.models.target import Target
 from dovetail_infer.sampling import greedy_accept, gumbel_pick, log_probs, probs, sample_accept
+from dovetail_infer.text import ChatResult, TextStream, infer_config
 from dovetail_infer.tree import DraftTree, graft_chain, grow_tree, topk_pick
 
 log = logging.getLogger(__name__)
@@ -245,6 +248,35 @@ class Dovetail:
                 "shorten the prompt or lower max_new_tokens"
             )
 
+    def check_prompt(self, prompt_ids: list[int], cfg: InferConfig | None = None) -> None:
+        """Raise ValueError when `prompt_ids` cannot be decoded with `cfg` (empty, bad ids, past the context)."""
+        cfg = cfg or InferConfig()
+        self._check(prompt_ids, cfg, max(self._budget(cfg), cfg.lookup))
+
+    # ---- text in, text out ----------------------------------------------------------------------
+
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        infer: InferConfig | None = None,
+    ) -> TextStream:
+        """The reply to chat `messages` (the target's chat template applied) as an iterator of text deltas;
+        `.result` holds usage, τ and tokens/s once it is exhausted. `infer` sets the tree shape."""
+        cfg = infer_config(infer or InferConfig(), max_tokens, temperature, top_p, seed)
+        return TextStream(self, messages, cfg, stop)
+
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> ChatResult:
+        """The whole reply to chat `messages` (same arguments as `stream`): text, finish reason, usage, τ."""
+        stream = self.stream(messages, **kwargs)
+        for _ in stream:
+            pass
+        return stream.result
+
     def _caches(self, n_target: int, n_draft: int, t_new: int = 1, d_new: int = 1) -> tuple[KVCache, KVCache | None]:
         """Static caches, reallocated only when a longer generation needs more room. Compiled steps are
         compiled here for up to `t_new` (target) / `d_new` (draft) tokens per forward, outside timed regions."""
@@ -333,9 +365,20 @@ class Dovetail:
 
     # ---- decoding -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, prompt_ids: list[int], cfg: InferConfig | None = None) -> GenerationResult:
         """Speculative decoding of one prompt; greedy output equals the target's own, sampling is lossless."""
+        steps = self.decode_steps(prompt_ids, cfg)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    @torch.no_grad()
+    def decode_steps(self, prompt_ids: list[int], cfg: InferConfig | None = None) -> Iterator[list[int]]:
+        """`generate` as a generator: yields the new tokens of each step (the prefill's first token, then each
+        target forward's accepted tokens and bonus token) and returns the GenerationResult. Closing it early stops
+        decoding (a streaming caller that met a stop string)."""
         cfg = cfg or InferConfig()
         budget = max(self._budget(cfg), cfg.lookup)  # rows verified beyond the root, at most
         self._check(prompt_ids, cfg, budget)
@@ -364,6 +407,7 @@ class Dovetail:
                 dc.reset()
                 pred = self._draft_step(feats, list(prompt_ids[1:]) + out, 0)
             index = NGramIndex(list(prompt_ids) + out) if cfg.lookup else None
+        yield list(out)
 
         t_decode = time.perf_counter()
         forwards, accept_lengths, per_depth = 0, [], [0] * max(cfg.depth, cfg.lookup)
@@ -412,6 +456,7 @@ class Dovetail:
                 per_depth[d] += 1
             new, stop = finish([tree.tokens[i] for i in path[1:]] + [bonus], eos, cfg.max_new_tokens - len(out))
             out += new
+            yield new
             if index is not None:
                 index.extend(new)
             if stop or self.draft is None:

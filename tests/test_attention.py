@@ -6,24 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import num_threads, target_spec
+from helpers.trees import PARENTS, ancestry
 
 from dovetail_infer.kv_cache import KVCache
 from dovetail_infer.models.llama import TAIL, split_attention, split_mask
 from dovetail_infer.models.target import load_target
-
-# a root with five children, branching again below: siblings' slots sit between a node and its ancestors
-PARENTS = [-1, 0, 0, 0, 0, 0, 1, 1, 2, 3, 6, 6, 8, 10, 10, 13]
-
-
-def ancestry(parents: list[int]) -> tuple[list[int], torch.Tensor]:
-    """Depths and the tree mask (node i sees j: j is i or an ancestor of i)."""
-    depth, seen = [], torch.zeros(len(parents), len(parents), dtype=torch.bool)
-    for i, p in enumerate(parents):
-        depth.append(0 if p < 0 else depth[p] + 1)
-        seen[i, i] = True
-        if p >= 0:
-            seen[i] |= seen[p]
-    return depth, seen
 
 
 def reference(q, k, v, mask):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import num_threads, target_spec
-from test_attention import PARENTS, ancestry
-from test_engine import CheatDraft, compactions, hf_greedy, near_tie, prompt
+from helpers.engine import CheatDraft, compactions, hf_greedy, near_tie, prompt
+from helpers.trees import PARENTS, ancestry
 
 from dovetail_infer.compiled import CompiledForward
 from dovetail_infer.engine import Dovetail, InferConfig

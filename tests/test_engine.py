@@ -6,18 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import num_threads, target_spec
+from helpers.engine import CheatDraft, compactions, hf_greedy, prompt, random_draft
 
 from dovetail_infer import engine
 from dovetail_infer.checkpoint import save_draft
 from dovetail_infer.engine import Dovetail, InferConfig
-from dovetail_infer.kv_cache import KVCache
-from dovetail_infer.models.draft import DraftConfig, DraftModel
 from dovetail_infer.models.llama import QUANT_BITS, QuantLinear
 from dovetail_infer.models.target import Target, load_target
-
-CHATS = ["Hi there!", "Write a haiku about the sea.", "What is 17 * 3?"]
-_REF: dict = {}
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,57 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def bf16_target() -> Target:
     return load_target(target_spec("tiny_random", dtype="bfloat16"))
-
-
-def prompt(target: Target, i: int) -> list[int]:
-    return target.apply_chat_template([{"role": "user", "content": CHATS[i]}])
-
-
-@torch.no_grad()
-def hf_greedy(target: Target, ids: list[int], n: int) -> list[int]:
-    """HF generate's new tokens (EOS included when produced), cached per target/prompt/length."""
-    key = (id(target), tuple(ids), n)
-    if key not in _REF:
-        x = torch.tensor([ids])
-        out = target.hf_model().generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)
-        _REF[key] = out[0, len(ids) :].tolist()
-    return _REF[key]
-
-
-def random_draft(target: Target, depth: int = 1, seed: int = 0) -> DraftModel:
-    torch.manual_seed(seed)
-    return DraftModel(DraftConfig.from_target(target.config, depth=depth)).to(target.dtype)
-
-
-class CheatDraft(DraftModel):
-    """Knows the target's greedy continuation: predicts the target's true feature of the next position
-    (plus a little noise, so the right token is sometimes 2nd-4th and the accepted path branches),
-    scaled up so the draft is confident and the trees grow deep."""
-
-    def __init__(self, target: Target, ids: list[int], noise: float = 0.2, seed: int = 0, scale: float = 10.0) -> None:
-        super().__init__(DraftConfig.from_target(target.config, depth=1))
-        feats = target.model(torch.tensor([ids]))[0].float()
-        gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("feats", scale * (feats + noise * torch.randn(feats.shape, generator=gen)))
-        self.to(target.dtype)
-
-    def forward(self, feat, emb, positions=None, mask=None, cache=None, start=0):
-        if positions is None:
-            positions = torch.arange(start, start + feat.shape[1])[None]
-        return self.feats[(positions + 1).clamp(max=len(self.feats) - 1)].to(feat.dtype)
-
-
-def compactions(monkeypatch) -> list[int]:
-    """Counts KVCache.commit calls that really move entries (the accepted path is not contiguous)."""
-    moved, commit = [], KVCache.commit
-
-    def spy(self, slots, start=None):
-        s = list(slots)
-        moved.append(int(s != list(range(s[0], s[0] + len(s))) if s else 0))
-        return commit(self, slots, start)
-
-    monkeypatch.setattr(KVCache, "commit", spy)
-    return moved
 
 
 # ---- greedy equality ------------------------------------------------------------------------------
@@ -246,14 +190,6 @@ def test_smollm2_greedy_equals_hf(smollm2_target):
         assert eng.generate_baseline(ids, InferConfig(max_new_tokens=32)).output_ids == ref
         cheat = Dovetail(target, CheatDraft(target, ids + ref), "cpu")
         assert cheat.generate(ids, InferConfig(budget=8, depth=6, top_k=2, max_new_tokens=32)).output_ids == ref
-
-
-def near_tie(target: Target, ids: list[int], a: int, b: int) -> bool:
-    """Tokens a and b get bf16 logits within 2 bf16 steps of each other after `ids` (one forward, no cache)."""
-    with torch.no_grad():
-        logits = target.model.logits(target.model(torch.tensor([ids])))[0, -1].float()
-    step = 2.0 ** (torch.floor(torch.log2(logits.abs().max())) - 7)  # bf16 spacing at the top logit
-    return bool(abs(logits[a] - logits[b]) <= 2 * step)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from test_engine import hf_greedy, prompt, random_draft
+from helpers.engine import hf_greedy, prompt, random_draft
 
 from dovetail_infer import engine
 from dovetail_infer.engine import Dovetail, InferConfig

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import target_spec
-from test_engine import CheatDraft, prompt
+from helpers.engine import CheatDraft, prompt
 
 from dovetail_infer.engine import Dovetail, InferConfig
 from dovetail_infer.models.llama import QuantLinear, quantize_linears

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, target_spec
+from helpers.prep import prep_inputs
+from helpers.train import TINY, metrics_rows, run_train
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_train import TINY, metrics_rows, run_train
 
 from dovetail_infer.checkpoint import DraftMismatchError, load_draft, save_draft
 from dovetail_infer.models.draft import DraftConfig, DraftModel
@@ -184,7 +185,7 @@ torch.set_num_threads(1)
 from conftest import target_spec
 from dovetail_infer.models.target import load_target
 from dovetail_train.data import features as F, regenerate as R
-from test_robustness import prep_inputs
+from helpers.prep import prep_inputs
 
 target = load_target(target_spec("tiny_random"))
 convs, examples = prep_inputs()
@@ -198,19 +199,6 @@ else:
     F.build_feature_cache(target, examples, {out!r}, key={{}}, shard_rows=2, batch_tokens=16, progress=False)
 print("finished")
 """
-
-
-def prep_inputs() -> tuple[list, list[dict]]:
-    """Eight prompts (regeneration) and eight token rows (features), the same in every process."""
-    from dovetail_train.data.conversations import Conversation
-
-    convs = [Conversation(str(i), [{"role": "user", "content": f"Question {i}: " + "why? " * i}]) for i in range(8)]
-    g = torch.Generator().manual_seed(3)
-    examples = []
-    for i in range(8):
-        ids = torch.randint(0, 49152, (5 + 3 * i,), generator=g).tolist()
-        examples.append({"input_ids": ids, "loss_mask": [0, 0] + [1] * (len(ids) - 2)})
-    return convs, examples
 
 
 def _kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
@@ -387,12 +375,16 @@ def test_bad_training_settings_fail_naming_the_key(tmp_path, overrides, expected
 
 
 def test_unwritable_run_dir_names_the_dir(tmp_path):
-    """As root chmod does not stop writes: a run dir below a regular file cannot be created."""
+    """As root chmod does not stop writes: a run dir below a regular file cannot be created. Hydra creates the dir
+    itself (its error names it); a dir that exists but refuses the log file gets the run log handler's message."""
+    from dovetail_infer.outdir import RunLogHandler
+
     blocker = tmp_path / "file"
     blocker.write_text("x")
     proc = run_train("debug=fdr", f"hydra.run.dir={blocker / 'run'}", check=False)
-    assert proc.returncode != 0
-    assert "not writable" in proc.stderr and str(blocker) in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0 and str(blocker / "run") in proc.stderr, proc.stderr[-2000:]
+    with pytest.raises(SystemExit, match=rf"output dir {blocker / 'run'} is not writable"):
+        RunLogHandler(str(blocker / "run" / "train.log"))
 
 
 def test_rerun_into_a_finished_run_dir_is_refused(tmp_path):

@@ -13,7 +13,7 @@ from itertools import product
 import pytest
 import yaml
 from conftest import ROOT, target_spec
-from test_train import run_train
+from helpers.train import run_train
 
 SHAREGPT = ROOT / "data" / "sharegpt" / "sharegpt_v3_first_turn_1000.json"
 
