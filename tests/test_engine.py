@@ -142,6 +142,12 @@ def test_draft_tree_and_commit_match_a_plain_forward(tiny_target, monkeypatch):
 # ---- errors, loading, stats ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_temperature_must_be_finite_and_non_negative(bad):
+    with pytest.raises(ValueError, match="InferConfig.temperature must be a finite number"):
+        InferConfig(temperature=bad)
+
+
 @pytest.mark.parametrize("field", ["budget", "depth", "top_k", "max_new_tokens"])
 @pytest.mark.parametrize("bad", [0, -2])
 def test_config_errors_name_the_field(field, bad):

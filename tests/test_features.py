@@ -135,3 +135,39 @@ def test_corrupt_shard_detected(tiny_target, tmp_path, calls, damage):
     assert calls["n"] > 0  # only the damaged shard was redone
     assert torch.equal(rebuilt[5]["hidden"], good)
     FeatureCache.open(rebuilt.path)
+
+
+def test_a_disk_too_small_for_the_cache_is_refused_up_front(tiny_target, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from dovetail_train.data.features import build_feature_cache
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1 << 10))
+    examples = [{"input_ids": list(range(1, 40)), "loss_mask": [0] * 10 + [1] * 29}]
+    with pytest.raises(OSError, match=r"the feature cache \(39 tokens\) needs .* are free"):
+        build_feature_cache(tiny_target, examples, tmp_path, key={}, progress=False)
+    assert not list(tmp_path.rglob("*.arrow"))
+
+
+def test_a_second_builder_waits_for_the_first(tmp_path):
+    """The cache lock: a second holder blocks until the first lets go."""
+    import threading
+    import time
+
+    from dovetail_infer.outdir import file_lock
+
+    order = []
+
+    def second():
+        with file_lock(tmp_path / ".lock"):
+            order.append("second")
+
+    with file_lock(tmp_path / ".lock"):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first done")
+    t.join(5)
+    assert order == ["first done", "second"]
