@@ -61,28 +61,13 @@ def train(name: str, minutes: float, runs_dir: Path, extra: list[str]) -> Path:
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
-    """Spearman rank correlation (average ranks for ties); None for fewer than 3 pairs."""
+    """Spearman rank correlation (pandas, as the ablation notebook computes it); None for fewer than 3 pairs."""
+    import pandas as pd
+
     if len(a) < 3:
         return None
-
-    def ranks(x: list[float]) -> list[float]:
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return round(cov / var, 3) if var else None
+    r = pd.Series(a).corr(pd.Series(b), method="spearman")
+    return None if pd.isna(r) else round(float(r), 3)
 
 
 def last_metric(run: Path, key: str) -> float | None:

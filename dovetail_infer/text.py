@@ -100,7 +100,7 @@ class TextStream:
         t0 = time.perf_counter()
         eos = set(self.target.eos_ids)
         ids: list[int] = []
-        sent, steps, finish = 0, 0, "length"
+        text, sent, steps, finish = "", 0, 0, "length"
         try:
             for new in self._steps:
                 steps += 1
@@ -119,9 +119,8 @@ class TextStream:
                     sent = end
                 if eos.intersection(new):
                     finish = "stop"
-            else:
-                text = self._decode([t for t in ids if t not in eos])
-                if len(text) > sent:  # what was held back for a stop string that never came
+            else:  # `text` is the decode of every token: release what was held back for a stop string
+                if len(text) > sent:
                     yield text[sent:]
                     sent = len(text)
         finally:

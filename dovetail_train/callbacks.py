@@ -21,7 +21,7 @@ class SpeculativeValidation(L.Callback):
     Logs `val/tau` (tokens per target forward, the evaluated τ) and `val/accept_d{k}` (the share of forwards
     that accepted at least k draft tokens), plus `val/tau_seconds`. The prompts come from the validation split
     (`DistillDataModule.heldout_prompts`): never trained on, never from the bench sets. The tree shape defaults
-    to the paper's (15 draft tokens, 8 levels, top-k 10, full vocabulary). `the callback takes the target and
+    to the paper's (15 draft tokens, 8 levels, top-k 10, full vocabulary). The callback takes the target and
     the prompts from the datamodule in `setup` (or call `bind`); an unbound callback logs nothing.
     """
 

@@ -204,7 +204,7 @@ class DistillModule(L.LightningModule):
         """Lightning's Timer when `trainer.max_time` is set (its elapsed time survives a resume), else None."""
         from lightning.pytorch.callbacks import Timer
 
-        timers = [c for c in self.trainer.callbacks if isinstance(c, Timer) and c._duration]
+        timers = [c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None]
         return timers[0] if timers else None
 
     def configure_optimizers(self):
@@ -229,7 +229,8 @@ class DistillModule(L.LightningModule):
                 return (step + 1) / warm
             progress = (step - warm) / max(1, total - warm)
             if timer is not None:  # a time-limited run decays by whichever runs out first: steps or time
-                progress = max(progress, timer.time_elapsed("train") / timer._duration)
+                elapsed = timer.time_elapsed("train")
+                progress = max(progress, elapsed / (elapsed + timer.time_remaining("train")))
             progress = min(1.0, progress)
             left = 1 - progress if linear else 0.5 * (1 + math.cos(math.pi * progress))
             return floor + (1 - floor) * left

@@ -187,9 +187,8 @@ def _encoding(head: bytes) -> str:
     return next((enc for bom, enc in _BOMS if head.startswith(bom)), "utf-8")
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _jsonl_rows(raw: bytes) -> Iterator[tuple[str, Any]]:
     """JSON lines; a line that is not JSON or not valid text in the file's encoding is one skipped row."""
-    raw = path.read_bytes()
     enc = _encoding(raw[:4])
     if enc == "utf-16":  # no byte-level line split for UTF-16: decode the file, undecodable bytes replaced
         lines = [(line.encode("utf-8"), "utf-8") for line in raw.decode("utf-16", errors="replace").splitlines()]
@@ -223,26 +222,15 @@ def _unwrap(data: Any, path: Path) -> list[Any]:
     raise ValueError(f"{path}: expected a JSON list of conversations, got a {type(data).__name__}")
 
 
-def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    raw = path.read_bytes()
+def _decode_whole(path: Path, raw: bytes) -> str:
     try:
-        text = raw.decode(_encoding(raw[:4]))
+        return raw.decode(_encoding(raw[:4]))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid {e.encoding} text at byte {e.start}; re-encode the file as UTF-8") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected a JSON list of conversations or JSON lines") from e
+
+
+def _json_rows(path: Path, data: Any) -> Iterator[tuple[str, Any]]:
     yield from ((f"row {i}", row) for i, row in enumerate(_unwrap(data, path)))
-
-
-def _whole_json_object(path: Path) -> bool:
-    """A (possibly pretty-printed) single JSON object rather than JSON lines."""
-    raw = path.read_bytes()
-    try:
-        return isinstance(json.loads(raw.decode(_encoding(raw[:4]))), dict)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
 
 
 def _dataset_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -257,15 +245,26 @@ def _dataset_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """The file is read once: a JSON list, a (possibly pretty-printed) JSON object, or else JSON lines."""
     if path.is_dir():
         return _dataset_rows(path)
-    with path.open("rb") as f:
-        head = f.read(4096)
-    enc = _encoding(head)
-    start = head.decode(enc, errors="ignore").lstrip("\ufeff \t\r\n")[:1]
-    if start == "[" or (start == "{" and _whole_json_object(path)):
-        return _json_rows(path)
-    return _jsonl_rows(path)
+    raw = path.read_bytes()
+    start = raw[:4096].decode(_encoding(raw[:4]), errors="ignore").lstrip("\ufeff \t\r\n")[:1]
+    if start == "[":
+        try:
+            return _json_rows(path, json.loads(_decode_whole(path, raw)))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: not valid JSON ({e}); expected a JSON list of conversations or JSON lines"
+            ) from e
+    if start == "{":  # one JSON object (a wrapper, a single conversation), or JSON lines that start with one
+        try:
+            data = json.loads(raw.decode(_encoding(raw[:4])))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if isinstance(data, dict):
+            return _json_rows(path, data)
+    return _jsonl_rows(raw)
 
 
 def load_conversations(

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import ROOT
 
 # the tiny random target, eager (compiling costs more than it saves on a tiny draft; test_fast_dev_run compiles)
 TINY = ["target=tiny_random", "data.regen_batch_size=16", "compile=false"]
