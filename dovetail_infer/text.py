@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,11 +75,26 @@ class TextStream:
     """Iterator of text deltas of one reply; `.result` (a ChatResult) is set once it is exhausted.
 
     Stops at EOS, at `max_new_tokens`, or at the first stop string (left out of the text; decoding stops there).
+    `prompt_ids` replaces the chat template (raw completion of a prompt; `messages` is then ignored); `on_step` sees
+    each decoding step's new tokens before they become text, and may raise to end decoding there (the server's
+    cancellation and time limit).
     """
 
-    def __init__(self, engine: Any, messages: Any, cfg: Any, stop: str | Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        messages: Any,
+        cfg: Any,
+        stop: str | Sequence[str] | None = None,
+        prompt_ids: list[int] | None = None,
+        on_step: Callable[[list[int]], None] | None = None,
+    ) -> None:
         self.target = engine.target
-        self.prompt_ids = self.target.apply_chat_template(check_messages(messages))
+        if prompt_ids is not None:
+            self.prompt_ids = list(prompt_ids)
+        else:
+            self.prompt_ids = self.target.apply_chat_template(check_messages(messages))
+        self.on_step = on_step
         self.stops = check_stop(stop)
         engine.check_prompt(self.prompt_ids, cfg)  # too long for the context: a ValueError now, not mid-stream
         self._steps = engine.decode_steps(self.prompt_ids, cfg)
@@ -103,6 +118,8 @@ class TextStream:
         text, sent, steps, finish = "", 0, 0, "length"
         try:
             for new in self._steps:
+                if self.on_step is not None:
+                    self.on_step(new)
                 steps += 1
                 ids += new
                 text = self._decode([t for t in ids if t not in eos])
