@@ -446,6 +446,7 @@ class QuantLinear(nn.Module):
         self.weight, self.bits, self.group, self.act8 = linear.weight, bits, group, act8
         w = linear.weight.detach().float()
         N, K = w.shape
+        self.out_features, self.in_features = N, K
         dtype = linear.weight.dtype
         if act8:  # int4 weights x int8 activations (llama.cpp's Q4_1 x Q8_1) on our AVX512-VNNI kernel
             if bits != 4 or group != kernels.GROUP:
@@ -471,11 +472,26 @@ class QuantLinear(nn.Module):
         else:
             raise ValueError(f"QuantLinear: bits must be 4 or 8, got {bits}")
 
+    @classmethod
+    def from_quantized(
+        cls, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group: int, out_features: int, in_features: int
+    ) -> QuantLinear:
+        """A QuantLinear from its kernel buffers (`qweight`, `scales` as the constructor makes them), without
+        a float weight: `weight` is None unless one is assigned (GGUF targets load this way, never in float)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.bits, self.group, self.act8 = bits, group, False
+        self.out_features, self.in_features = out_features, in_features
+        self.register_parameter("weight", None)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        return self
+
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel multiplies by, (out, in) in the model dtype (tests and error reports)."""
         if self.act8:
             return kernels.unpack_q4(self.qweight, self.scales, *self.weight.shape).to(self.weight.dtype)
-        eye = torch.eye(self.weight.shape[1], dtype=self.weight.dtype, device=self.weight.device)
+        eye = torch.eye(self.in_features, dtype=self.scales.dtype, device=self.scales.device)
         return self(eye).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -483,7 +499,7 @@ class QuantLinear(nn.Module):
             return torch.ops.dovetail.q4a8_linear(
                 x.to(self.weight.dtype), self.qweight, self.scales, self.weight.shape[0]
             )
-        x2 = x.to(self.weight.dtype).reshape(-1, x.shape[-1]).contiguous()
+        x2 = x.to(self.scales.dtype).reshape(-1, x.shape[-1]).contiguous()  # the scales are in the model dtype
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         else:

@@ -1,8 +1,10 @@
-"""Load a target model (HF folder, GGUF file, the embedded SmolLM2 GGUF, or a tiny random Llama).
+"""Load a target model (HF folder, GGUF file, the embedded SmolLM2 GGUF, a tiny random Llama, or a random
+GGUF *shape* of a large model for measurements).
 
 The weights end up in our own `LlamaModel` (one Llama implementation for verify, draft and training);
 transformers is used to read checkpoints, tokenizers and chat templates, and as the test reference.
-A GGUF is dequantised once and cached as safetensors keyed by the file's hash, so later loads are fast.
+A GGUF is converted tensor by tensor into the requested layout (`dovetail_infer.models.gguf_io`) and cached as
+safetensors keyed by the file's hash and the layout, so later loads are fast and no float32 model is ever built.
 """
 
 from __future__ import annotations
@@ -17,8 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from dovetail_infer.models.gguf_io import (
+    convert_weights,
+    field_value,
+    hf_config,
+    layout_name,
+    load_converted,
+    open_gguf,
+)
 from dovetail_infer.models.llama import (
     QUANT_BITS,
     LlamaConfig,
@@ -26,6 +36,7 @@ from dovetail_infer.models.llama import (
     can_pack,
     pack_linears,
     quantize_linears,
+    rope_inv_freq,
     unfuse_state_dict,
 )
 
@@ -37,7 +48,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class TargetSpec:
     """What to load. `source`: hf (a folder), gguf (a file), package (a GGUF inside an installed
-    Python package, found with importlib without importing it) or random (a config, for tests)."""
+    Python package, found with importlib without importing it), random (a config, for tests) or shape
+    (a config written once as a random-weight GGUF of type `gguf_type`, then loaded as a GGUF: measurements)."""
 
     name: str
     source: str = "hf"
@@ -54,6 +66,7 @@ class TargetSpec:
     prepack: bool = True  # CPU: oneDNN-prepacked linear weights (~2x faster decoding; weights held twice)
     quant: str | None = None  # CPU: int8 / int4 weight-only linears (the quantized model is then the target)
     quant_group: int = 32  # int4: inputs per scale/zero group (32 = GGUF Q4_1)
+    gguf_type: str = "Q4_0"  # source=shape: the GGUF type its random weights are written in
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -139,30 +152,68 @@ def _require_path(spec: TargetSpec) -> Path:
     return path
 
 
+def gguf_digest(gguf: Path, cache_dir: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256 (the cache key), remembered per path, size and mtime."""
+    memo_file = cache_dir / "targets" / "sha256.json"
+    st = gguf.stat()
+    key = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
+    if key not in memo:
+        memo[key] = file_sha256(gguf)[:16]
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f"sha256.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo, indent=1))
+        os.replace(tmp, memo_file)
+    return memo[key]
+
+
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
-    """Dequantise a GGUF once into `cache_dir/targets/<stem>-<hash>/` (HF config, safetensors, tokenizer)."""
-    digest = file_sha256(gguf)[:16]
+    """A GGUF's metadata once into `cache_dir/targets/<stem>-<hash>/` (HF config, generation config, tokenizer
+    if the file has one); its weights go per layout under `weights/` (`gguf_model`)."""
+    digest = gguf_digest(gguf, cache_dir)
     out = cache_dir / "targets" / f"{gguf.stem}-{digest}"
     if (out / "done").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to %s (once)", gguf, out)
+    log.info("reading the metadata of %s into %s (once)", gguf, out)
+    reader = open_gguf(gguf)
+    cfg = hf_config(reader, gguf)
     out.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok.save_pretrained(out)
-    hf.config.save_pretrained(out)
-    hf.generation_config.save_pretrained(out)
-    sd = {
-        k: v.contiguous()
-        for k, v in hf.state_dict().items()
-        if k != "lm_head.weight" or not hf.config.tie_word_embeddings
-    }
-    save_file(sd, out / "model.safetensors")
+    if field_value(reader, "tokenizer.ggml.model") is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    del reader
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     (out / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_16": digest}))
     (out / "done").write_text("ok")
     return out
+
+
+def gguf_model(gguf: Path, folder: Path, cfg: LlamaConfig, spec: TargetSpec, dtype: torch.dtype) -> LlamaModel:
+    """The GGUF's weights in the spec's layout (converted once into `folder/weights/<layout>/`)."""
+    quant = spec.quant if torch.device(spec.device).type == "cpu" else None
+    layout = folder / "weights" / layout_name(quant, spec.quant_group, dtype)
+    if not layout.exists():
+        log.info("converting %s to %s (once)", gguf, layout)
+        convert_weights(gguf, layout, cfg, quant, spec.quant_group, dtype)
+    model = load_converted(layout, cfg, quant, spec.quant_group)
+    model.inv_freq = rope_inv_freq(cfg)
+    return model
+
+
+def shape_gguf(spec: TargetSpec, cache_dir: Path) -> Path:
+    """source=shape: the random-weight GGUF of the spec's config, written once under `cache_dir/shapes/`."""
+    from dovetail_infer.models.gguf_io import write_random_gguf
+
+    cfg = LlamaConfig(**spec.random_config)
+    key = hashlib.sha256(json.dumps([spec.random_config, spec.seed, spec.gguf_type]).encode()).hexdigest()[:12]
+    path = cache_dir / "shapes" / f"{spec.name}-{spec.gguf_type}-{key}.gguf"
+    if not path.exists():
+        log.info("writing %s: the %s shape with random weights in %s (once)", path, spec.name, spec.gguf_type)
+        write_random_gguf(path, cfg, spec.gguf_type, spec.seed, name=f"{spec.name} (random weights, a shape)")
+    return path
 
 
 def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -255,6 +306,10 @@ class Target:
     def hf_model(self):
         """The same weights as a transformers LlamaForCausalLM (the reference in tests; batched generate)."""
         if self._hf is None:
+            if any(getattr(m, "weight", 0) is None for m in self.model.modules()):
+                raise ValueError(
+                    "hf_model: this target's linears hold quantized codes only (a GGUF loaded into int4/int8)"
+                )
             from transformers import LlamaConfig as HFConfig
             from transformers import LlamaForCausalLM
 
@@ -292,8 +347,12 @@ class Target:
 
 
 def _load_tokenizer(folder: Path | str):
+    """The folder's tokenizer; None for a GGUF without one (a shape)."""
     from transformers import AutoTokenizer
 
+    folder = Path(folder)
+    if (folder / "done").exists() and not (folder / "tokenizer_config.json").exists():
+        return None
     return AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -319,6 +378,7 @@ def load_target(spec: TargetSpec | dict[str, Any]) -> Target:
         spec = TargetSpec.from_dict(spec)
     dtype = resolve_dtype(spec.dtype, spec.device)
     cache_dir = Path(spec.cache_dir).expanduser() if spec.cache_dir else default_cache_dir()
+    quantized = False  # a GGUF converts straight into the int8/int4 layouts
     if spec.source == "random":
         model = random_llama(spec)
         tok_spec = TargetSpec.from_dict(spec.tokenizer) if spec.tokenizer else None
@@ -330,14 +390,18 @@ def load_target(spec: TargetSpec | dict[str, Any]) -> Target:
         source_id = "random-" + hashlib.sha256(json.dumps([spec.random_config, spec.seed]).encode()).hexdigest()[:16]
         target = Target(spec, model, tokenizer, folder, source_id)
     else:
-        folder, source_id = _prepare_folder(spec, cache_dir)
-        hf_cfg = json.loads((folder / "config.json").read_text())
-        cfg = LlamaConfig.from_hf(hf_cfg)
-        model = LlamaModel.from_hf_state_dict(cfg, _load_state_dict(folder))
+        gguf = _gguf_path(spec, cache_dir)
+        folder, source_id = _prepare_folder(spec, cache_dir, gguf)
+        cfg = LlamaConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        if gguf is not None:
+            model = gguf_model(gguf, folder, cfg, spec, dtype)
+            quantized = spec.quant not in (None, "int4a8")
+        else:
+            model = LlamaModel.from_hf_state_dict(cfg, _load_state_dict(folder))
         target = Target(spec, model, _load_tokenizer(folder), folder, source_id)
     target.model.to(device=spec.device, dtype=dtype)
     target.model.inv_freq = target.model.inv_freq.float()
-    if spec.quant:
+    if spec.quant and not quantized:
         n = quantize_linears(target.model, spec.quant, spec.quant_group)
         log.info("target %s: %d linears quantized to %s weight-only", spec.name, n, spec.quant)
     if spec.prepack and can_pack(spec.device, dtype):
@@ -345,18 +409,28 @@ def load_target(spec: TargetSpec | dict[str, Any]) -> Target:
     return target
 
 
-def _prepare_folder(spec: TargetSpec, cache_dir: Path) -> tuple[Path, str]:
-    """An HF-style folder for the spec (converted and cached for GGUF) and a stable source id."""
+def _gguf_path(spec: TargetSpec, cache_dir: Path) -> Path | None:
+    """The GGUF file a spec loads from, or None (a Hugging Face folder)."""
     if spec.source in ("gguf", "package"):
-        folder = convert_gguf(locate_gguf(spec), cache_dir)
+        return locate_gguf(spec)
+    if spec.source == "shape":
+        return shape_gguf(spec, cache_dir)
+    if spec.source == "hf":
+        path = _require_path(spec)
+        return path if path.is_file() and path.suffix == ".gguf" else None
+    raise ValueError(f"target.source must be hf, gguf, package, shape or random, got {spec.source!r}")
+
+
+def _prepare_folder(spec: TargetSpec, cache_dir: Path, gguf: Path | None = None) -> tuple[Path, str]:
+    """An HF-style folder for the spec (the metadata of a GGUF, cached) and a stable source id."""
+    gguf = gguf or _gguf_path(spec, cache_dir)
+    if gguf is not None:
+        folder = convert_gguf(gguf, cache_dir)
         return folder, folder.name
     if spec.source == "hf":
         path = _require_path(spec)
-        if path.is_file() and path.suffix == ".gguf":
-            folder = convert_gguf(path, cache_dir)
-            return folder, folder.name
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"target {spec.name!r}: {path} has no config.json (expected a Hugging Face folder)")
         cfg_hash = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
         return path, f"{path.name}-{cfg_hash}"
-    raise ValueError(f"target.source must be hf, gguf, package or random, got {spec.source!r}")
+    raise ValueError(f"target.source must be hf, gguf, package, shape or random, got {spec.source!r}")
