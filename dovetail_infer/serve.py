@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
+# temperatures below this decode greedily (as vLLM does): logits / 1e-40 overflow float32 and sampling would fail
+GREEDY_BELOW = 1e-5
+DEADLINE_GRACE_S = 1.0  # how long past a request's time limit its handler waits for the worker to report it
 
 
 @dataclass
@@ -84,8 +87,9 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # ASCII-escaped: a message may quote client text with lone surrogates, which UTF-8 cannot encode
+        return Response(json.dumps(self.body()), self.status, self.headers, media_type="application/json")
 
 
 def _bad(param: str | None, message: str, code: str | None = "invalid_value") -> APIError:
@@ -140,6 +144,8 @@ def parse_options(body: dict[str, Any], base: InferConfig, default_max_tokens: i
             raise _bad("temperature", f"temperature must be a number, got {_type_name(temperature)}", "invalid_type")
         if not math.isfinite(temperature) or temperature < 0:
             raise _bad("temperature", f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+        if temperature < GREEDY_BELOW:
+            temperature = 0.0
     top_p = body.get("top_p")
     if top_p is not None:
         if not _is_number(top_p):
@@ -217,7 +223,7 @@ def parse_messages(raw: Any) -> list[dict[str, str]]:
     try:
         return check_messages(out)
     except ValueError as e:  # the last message is the assistant's, or all are empty
-        raise _bad("messages", str(e)) from e
+        raise _bad("messages", f"messages: {e}") from e
 
 
 def parse_prompt(raw: Any) -> str:
@@ -278,6 +284,7 @@ class Job:
         self.stream: TextStream | None = None
         self.arrived = time.monotonic()
         self.started: float | None = None
+        self.ended: float | None = None
         self.steps, self.tokens, self.step_sizes = 0, 0, []
         self.steps_at_cancel: int | None = None
         self.outcome = "queued"  # then running, and done | cancelled | timeout | error
@@ -293,10 +300,10 @@ class Job:
     def on_step(self, new: list[int]) -> None:
         """Called by the worker after each decoding step: the place where cancellation and the time limit act."""
         self.steps += 1
+        if time.monotonic() > self.deadline:  # first: a handler cancels its job when the deadline passes
+            raise _Stopped("timeout")
         if self.cancel.is_set():
             raise _Stopped("cancelled")
-        if time.monotonic() > self.deadline:
-            raise _Stopped("timeout")
         self.step_sizes.append(len(new))
         self.tokens += len(new)
 
@@ -313,6 +320,7 @@ class Job:
             "outcome": self.outcome,
             "tokens": self.tokens,
             "queue_s": (self.started or time.monotonic()) - self.arrived,
+            "decode_s": (self.ended or time.monotonic()) - (self.started or time.monotonic()),
             "steps_after_cancel": steps_after,
         }
 
@@ -445,19 +453,21 @@ class Scheduler:
             self.current = job
             self.metrics.busy.set(1)
             try:
-                self._decode(job)
+                event = self._decode(job)
             finally:
+                job.ended = time.monotonic()
                 self.current = None
                 self.metrics.busy.set(0)
                 self.finished.append(job.record())
+            job.push(*event)  # last: whoever sees the reply end finds the engine free and the job recorded
 
-    def _decode(self, job: Job) -> None:
+    def _decode(self, job: Job) -> tuple[str, Any]:
+        """Decode one job, pushing its text deltas; returns its last event."""
         job.started = time.monotonic()
         self.metrics.queue_wait.observe(job.started - job.arrived)
         if job.cancel.is_set() or job.started > job.deadline:
             job.outcome = "cancelled" if job.cancel.is_set() else "timeout"
-            job.push("end", job.outcome)
-            return
+            return "end", job.outcome
         self.metrics.prompt_tokens.inc(len(job.stream.prompt_ids))
         job.outcome = "running"
         result = None
@@ -466,14 +476,14 @@ class Scheduler:
                 job.push("delta", delta)
             result = job.stream.result
             job.outcome = "done"
-            job.push("done", result)
+            return "done", result
         except _Stopped as e:
             job.outcome = e.reason
-            job.push("end", e.reason)
+            return "end", e.reason
         except Exception as e:  # an engine failure: reported to this request; the worker goes on
             log.exception("decoding failed")
             job.outcome = "error"
-            job.push("error", f"{type(e).__name__}: {e}")
+            return "error", f"{type(e).__name__}: {e}"
         finally:
             self.metrics.decoded(job, result)
 
@@ -553,15 +563,15 @@ class _Server:
             else:
                 ids = list(target.tokenizer.encode(p.prompt))
         except Exception as e:  # a chat template may refuse a conversation (e.g. roles that do not alternate)
-            raise _bad(param, f"the prompt could not be tokenized: {e}") from e
+            raise _bad(param, f"{param}: the prompt could not be tokenized: {e}") from e
         try:
             self.engine.check_prompt(ids, p.cfg)
         except ValueError as e:
             try:
                 self.engine.check_prompt(ids, replace(p.cfg, max_new_tokens=1))
             except ValueError:
-                raise _bad(param, str(e), "context_length_exceeded") from e
-            raise _bad("max_tokens", str(e), "context_length_exceeded") from e
+                raise _bad(param, f"{param} too long: {e}", "context_length_exceeded") from e
+            raise _bad("max_tokens", f"max_tokens too large: {e}", "context_length_exceeded") from e
         return ids
 
     def submit(self, p: Parsed, t0: float) -> Job:
@@ -573,10 +583,11 @@ class _Server:
         return job
 
     async def next_event(self, job: Job, request: Request | None) -> tuple[str, Any]:
-        """The job's next event; ("end", "timeout") past its deadline. With `request`, a client that went away
-        cancels the job (streaming responses learn it from the ASGI server instead)."""
+        """The job's next event; ("end", "timeout") past its deadline (a backstop: the worker reports a timeout
+        itself after a step, this covers a job still queued or a step that does not end). With `request`, a client
+        that went away cancels the job (streaming responses learn it from the ASGI server instead)."""
         while True:
-            left = job.deadline - time.monotonic()
+            left = job.deadline + DEADLINE_GRACE_S - time.monotonic()
             if left <= 0:
                 job.request_cancel()
                 return "end", "timeout"
@@ -676,18 +687,18 @@ def create_app(
     app.state.server = server
 
     @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
+    async def api_error(request: Request, e: APIError) -> Response:
         if request.url.path.startswith("/v1/"):
             server.metrics.request(request.url.path, e.status, getattr(request.state, "t0", None))
         return e.response()
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: HTTPException) -> Response:
         kind = "not_found" if e.status_code == 404 else "invalid_request"
         return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=kind).response()
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+    async def internal_error(request: Request, e: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
         err = APIError(500, f"internal error: {type(e).__name__}", code="internal_error", type="server_error")
         if request.url.path.startswith("/v1/"):
