@@ -842,9 +842,7 @@ def run_server(cfg: dict[str, Any]) -> None:
     app = create_app(engine, icfg, settings)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", settings.host)
-    log.info(
-        "serving %s on http://%s:%d (draft: %s)", settings.model_name, settings.host, settings.port, bool(engine.draft)
-    )
+    log.info("serving %s (draft: %s)", settings.model_name, engine.draft is not None)
     uvicorn.run(
         app,
         host=settings.host,

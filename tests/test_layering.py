@@ -18,6 +18,7 @@ def test_importing_dovetail_infer_loads_no_training_stack():
         "dovetail_infer.checkpoint",
         "dovetail_infer.models.target",
         "dovetail_infer.outdir",
+        "dovetail_infer.serve",
     ]
     code = (
         f"import sys; import {', '.join(modules)}; "

@@ -376,3 +376,47 @@ def test_smollm2_with_the_shipped_draft_serves_the_targets_greedy_text(smollm2_t
     assert streamed == whole.choices[0].message.content == target_only.text  # float32: token for token
     assert len(target_only.text) > 20
     assert whole.model_extra["dovetail"]["tau"] > 1.2  # the trained draft is accepted
+
+
+# ---- serve.py --------------------------------------------------------------------------------------------------------
+def test_serve_py_serves_then_shuts_down_gracefully_on_sigterm(engine, tiny_target, tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from dovetail_infer.checkpoint import save_draft
+
+    draft = save_draft(random_draft(tiny_target, depth=1).float(), tmp_path / "draft", tiny_target.identity())
+    cmd = [sys.executable, "serve.py", "target=tiny_random", f"ckpt={draft}", "server.port=0", "max_tokens=8",
+           "server.shutdown_timeout_s=1", "infer.budget=6", "infer.depth=4", "infer.top_k=2", "infer.draft_vocab=null",
+           f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        url, lines = None, []
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "".join(lines)[-3000:]
+            lines.append(line)
+            m = re.search(r"Uvicorn running on (http://\S+)", line)
+            url = m and m.group(1)
+        assert url, "".join(lines)[-3000:]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["draft"]  # the draft dir's name
+        whole = client.chat.completions.create(model="draft", messages=MESSAGES)
+        assert whole.choices[0].message.content == engine.chat(MESSAGES, max_tokens=8, infer=INFER).text
+        long = client.chat.completions.create(model="draft", messages=MESSAGES, max_tokens=1500, stream=True)
+        chunks = iter(long)
+        next(chunks), next(chunks)  # decoding when SIGTERM arrives
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises((openai.APIError, httpx.HTTPError)):  # cut after the 1 s grace, not run to 1500 tokens
+            for _ in chunks:
+                pass
+        # uvicorn re-raises the SIGTERM it caught once it has shut down: -15 is the orderly exit
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
