@@ -39,12 +39,13 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def update(
-        self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, round_to: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, Hk, T, d) at [start, start+T) and return the keys/values to attend over.
 
-        `start` an int: the prefix [0, start+T) (shapes grow with the sequence). `start` a 0-d tensor:
-        the whole buffer (static shapes for torch.compile; the caller's mask hides the other slots)."""
+        `start` an int: the prefix [0, start+T) (shapes grow with the sequence), extended to a multiple of
+        `round_to` slots where the buffer has them (scratch slots the caller must not weight). `start` a 0-d
+        tensor: the whole buffer (static shapes for torch.compile; the caller's mask hides the other slots)."""
         if isinstance(start, torch.Tensor):
             idx = start + torch.arange(k.shape[2], device=k.device)
             self.k[layer].index_copy_(2, idx, k)
@@ -55,7 +56,8 @@ class KVCache:
             raise ValueError(f"KV cache overflow: need {end} positions, the cache holds {self.max_len}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        stop = min(-(-end // round_to) * round_to, self.max_len)
+        return self.k[layer][:, :, :stop], self.v[layer][:, :, :stop]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (batched generation drops finished sequences)."""

@@ -78,3 +78,27 @@ def test_tree_verification_is_bitwise_one_token_decoding():
                     h = model(toks[node].view(1, 1), cache=cache, start=P + n)[0, 0]
                 differ += [] if torch.equal(h, tree[i]) else [(trial, i)]
     assert differ == []
+
+
+def test_a_query_gets_the_same_bits_whatever_the_cache_length():
+    """bf16: a token decoded alone (its keys are the whole cache) and the same token verified in a tree (the cache
+    runs on past its keys: siblings, later nodes, scratch) get bitwise the same attention. One GEMM over the
+    whole cache rounded differently for some lengths (mt_bench 84 parted from one-token decoding that way)."""
+    g = torch.Generator().manual_seed(0)
+    Hk, G, d, differ, tried = 3, 3, 64, [], 0
+    with num_threads(2):
+        for n in list(range(TAIL, TAIL + 70)) + [200, 333, 517]:  # the query's own keys: positions 0..n-1
+            k, v = (torch.randn(1, Hk, n + 100, d, generator=g).bfloat16() for _ in range(2))
+            q = torch.randn(1, Hk * G, 1, d, generator=g).bfloat16()
+            alone = split_attention(q, k[:, :, :n], v[:, :, :n], split_mask(None, None, n - 1, 1))
+            for extra in (1, 7, 16, 29, 60, 100):  # a tree: the query sits at slot n-1, other nodes after it
+                S = n + extra
+                mask = torch.zeros(1, 1, extra + 1, S, dtype=torch.bool)
+                mask[..., :n] = True
+                mask[0, 0, 1:, n:].fill_diagonal_(True)  # the other nodes see themselves (not the query)
+                pos = torch.tensor([[n - 1] + [n + 3] * extra])
+                qs = torch.cat([q, torch.randn(1, Hk * G, extra, d, generator=g).bfloat16()], 2)
+                tree = split_attention(qs, k[:, :, :S], v[:, :, :S], split_mask(pos, mask, n - 1, extra + 1))
+                tried += 1
+                differ += [] if torch.equal(alone[:, :, 0], tree[:, :, 0]) else [(n, extra)]
+    assert tried == 438 and differ == []

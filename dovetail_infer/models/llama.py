@@ -138,7 +138,8 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, start, k, v)  # (B, Hk, start+T, d): the cached prefix plus the new keys
+            # (B, Hk, start+T, d): the cached prefix plus the new keys (split: up to a BLOCK boundary, see there)
+            k, v = cache.update(layer, start, k, v, BLOCK if isinstance(mask, SplitMask) else 1)
         if isinstance(mask, SplitMask):  # decoding / verification: a few queries over a long cache
             y = split_attention(q, k, v, mask)
         elif cache is not None and T <= SMALL_QUERY:  # the same, summed by slot (the draft: cheaper, not exact)
@@ -153,6 +154,11 @@ class Attention(nn.Module):
 
 SMALL_QUERY = 32  # up to this many new tokens (with a cache), attention runs as two matmuls, not SDPA (see below)
 TAIL = SMALL_QUERY  # a query at position p sums the keys of positions p-TAIL+1..p apart, in position order
+BLOCK = 64  # the keys before the tail are weighted in GEMMs of exactly this many cache slots (see block_weighted_sum)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class SplitMask(NamedTuple):
@@ -161,12 +167,14 @@ class SplitMask(NamedTuple):
     tail (B|1, 1, 1, T, W) long: the slots holding positions p-W+1..p of query t (p its position), in order;
     tail_bias (B|1, 1, 1, T, W) float: -inf where that position does not exist or the query may not see it, else 0;
     shared_bias (B|1, 1, 1, T, S) float: -inf at slots not summed in place (the tail's, the masked ones), else 0.
-    All None: one token decoded after at least W-1 others, whose tail is simply the last W slots.
+    tail None: one token decoded after at least W-1 others; it attends to the first `length` slots and its tail
+    is the last W of them.
     """
 
     tail: torch.Tensor | None = None
     tail_bias: torch.Tensor | None = None
     shared_bias: torch.Tensor | None = None
+    length: int = 0
 
 
 def split_mask(
@@ -181,7 +189,7 @@ def split_mask(
     positions None and mask None: causal over the prefix and the new tokens.
     """
     if positions is None and mask is None and T == 1 and isinstance(start, int) and start >= width - 1:
-        return SplitMask()  # plain decoding: the tail is the last W slots (same numbers as the general case)
+        return SplitMask(length=start + 1)  # plain decoding: the tail is the last W slots (same numbers as below)
     dev = mask.device if mask is not None else positions.device if positions is not None else None
     if positions is None:
         positions = torch.arange(T, device=dev)[None] + start
@@ -225,39 +233,70 @@ def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return (scores.softmax(-1).to(v.dtype) @ v).reshape(B, H, T, d)
 
 
+def block_weighted_sum(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_s p[..., s] * v[..., s, :] as GEMMs over blocks of exactly BLOCK slots, the block results added in order.
+
+    p (B, Hk, M, K) in v's dtype, zero past the slots to weight; v (B, Hk, >=K, d) -> (B, Hk, M, d) float32.
+    Why: one GEMM over all K slots rounds differently for different K (the CPU kernels pick their blocking by K),
+    so a query verified in a tree (K: the tree's cache length) and decoded alone (K: its own prefix) parted in
+    bf16 at near-ties. With fixed-size blocks, slots past the weighted ones only add exact zeros.
+    """
+    B, Hk, M, K = p.shape
+    Kp = round_up(K, BLOCK)
+    if Kp != K:
+        p = F.pad(p, (0, Kp - K))
+    if v.shape[2] < Kp:  # the cache could not lend slots up to a block boundary
+        v = F.pad(v, (0, 0, 0, Kp - v.shape[2]))
+    n, d = Kp // BLOCK, v.shape[-1]
+    blocks = p.reshape(B, Hk, M, n, BLOCK).transpose(2, 3) @ v[:, :, :Kp].reshape(B, Hk, n, BLOCK, d)
+    return blocks.float().sum(2)  # (B, Hk, n, M, d) -> (B, Hk, M, d): a vertical sum, in block order
+
+
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm: SplitMask) -> torch.Tensor:
     """Attention of a few new queries over a cached prefix, exact across cache layouts.
 
     A query's keys split in two: its last W positions, gathered in position order, and the prefix
     before them, summed in place. Why: a token verified in a tree sees its ancestors in slots that skip
-    its siblings, while decoded alone it sees them in consecutive slots. Summing by slot, the kernels
-    group the additions by slot (SIMD lanes, bf16 pairs), so in bf16 the two round apart and greedy tree
-    decoding leaves one-token decoding at near-ties. In position order every query sums the same numbers
-    in the same order however the tree was laid out (tested bitwise); the tail comes first in the softmax
-    so it starts at the same lane whatever the buffer length.
-    Two batched matmuls, not SDPA: PyTorch's CPU flash-attention kernel costs ~7x more for 1-32 queries
-    over a few hundred keys. Query heads sharing a KV head are rows of one matmul (no repeated K/V).
-    q (B, H, T, d), k/v (B, Hk, S, d) -> (B, H, T, d).
+    its siblings, while decoded alone it sees them in consecutive slots, and the cache it reads is longer
+    by the tree. Every sum must therefore be independent of both the layout and the length:
+    - the tail is summed in position order (W fixed);
+    - the softmax denominator of the prefix is a running sum (`cumsum`, sequential), so the masked slots
+      after the query's keys add exact zeros;
+    - the prefix's weighted values go through `block_weighted_sum` (fixed-size GEMMs).
+    So in bf16 every query sums the same numbers in the same order however the tree was laid out (tested
+    bitwise, `tests/test_attention.py`). Not SDPA: PyTorch's CPU flash-attention kernel costs ~7x more for
+    1-32 queries over a few hundred keys. Query heads sharing a KV head are rows of one matmul.
+    q (B, H, T, d), k/v (B, Hk, S, d) (S may run past the attended slots: a cache view up to a BLOCK
+    boundary) -> (B, H, T, d).
     """
     B, H, T, d = q.shape
-    Hk, S = k.shape[1], k.shape[2]
-    G, W = H // Hk, TAIL if sm.tail is None else sm.tail.shape[-1]
+    Hk = k.shape[1]
+    G = H // Hk
     scale = d**-0.5
-    scores = (q.reshape(B, Hk, G * T, d) @ k.transpose(-1, -2)).float().view(B, Hk, G, T, S)
+    scores = (q.reshape(B, Hk, G * T, d) @ k.transpose(-1, -2)).float().view(B, Hk, G, T, -1)
     if sm.tail is None:  # plain decoding: slices instead of gathers (same numbers, fewer ops)
-        tail, shared = scores[..., S - W :] * scale, scores[..., : S - W] * scale
-        v_tail, v = v[:, :, S - W :], v[:, :, : S - W]
+        n, W = sm.length, TAIL
+        tail, shared = scores[..., n - W : n] * scale, scores[..., : n - W] * scale
+        v_tail = v[:, :, n - W : n]
     else:  # scale * score + bias (0 or -inf): one op per part
+        W = sm.tail.shape[-1]
         tail = torch.add(sm.tail_bias, scores.gather(-1, sm.tail.expand(B, Hk, G, T, W)), alpha=scale)
-        shared = torch.add(sm.shared_bias, scores, alpha=scale)
+        shared = torch.add(sm.shared_bias, scores[..., : sm.shared_bias.shape[-1]], alpha=scale)
         if sm.tail.shape[0] == 1:
             v_tail = v.index_select(2, sm.tail.view(-1))
         else:
             v_tail = v.gather(2, sm.tail.reshape(B, 1, T * W, 1).expand(B, Hk, T * W, d))
-    p = torch.cat([tail, shared], -1).softmax(-1).to(v.dtype)
-    y = p[..., W:].contiguous().view(B, Hk, G * T, -1) @ v  # (B, Hk, G*T, d); contiguous: inductor's GEMM template
-    y_tail = (p[..., :W, None] * v_tail.reshape(B, Hk, 1, T, W, d)).sum(-2)  # (B, Hk, G, T, d)
-    return (y.view(B, Hk, G, T, d) + y_tail).reshape(B, H, T, d)
+    top = tail.amax(-1, keepdim=True)
+    if shared.shape[-1]:
+        top = torch.maximum(top, shared.amax(-1, keepdim=True))
+    e_tail, e_shared = (tail - top).exp(), (shared - top).exp()
+    den = e_tail.sum(-1, keepdim=True)
+    if shared.shape[-1]:
+        den = den + e_shared.cumsum(-1)[..., -1:]
+    p_tail, p_shared = (e_tail / den).to(v.dtype), (e_shared / den).to(v.dtype)
+    y = block_weighted_sum(p_shared.view(B, Hk, G * T, -1), v).view(B, Hk, G, T, d)
+    y_tail = (p_tail[..., None] * v_tail.reshape(B, Hk, 1, T, W, d)).sum(-2, dtype=torch.float32)
+    return (y + y_tail).to(v.dtype).reshape(B, H, T, d)
 
 
 def _fuse(state_dict: dict, prefix: str, fused: str, parts: tuple[str, ...]) -> None:
