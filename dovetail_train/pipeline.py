@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dovetail_infer.checkpoint import save_draft
+from dovetail_infer.checkpoint import DraftMismatchError, load_draft, save_draft
 from dovetail_infer.models.draft import DraftConfig
 from dovetail_infer.models.target import load_target
 from dovetail_infer.outdir import check_output_dir
@@ -58,6 +58,24 @@ def check_fresh_run_dir(out_dir: Path, ckpt_path: str | None) -> None:
         )
 
 
+def init_draft_weights(module: DistillModule, draft_dir: str | Path, target_identity: dict[str, Any]) -> None:
+    """Start from an exported draft's weights (fine-tuning, or a warm restart with a new LR schedule).
+
+    Unlike `ckpt_path`, nothing else carries over: optimizer, schedule and step count start fresh. The draft
+    must be made for this target and have this run's draft config (depth, fusion, sizes)."""
+    loaded, _ = load_draft(draft_dir, target_identity)
+    want, have = module.draft.config.to_dict(), loaded.config.to_dict()
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if diff:
+        raise DraftMismatchError(
+            f"init_from={draft_dir}: its config differs from this run's draft config "
+            + ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in diff.items())
+            + " (pick the matching draft=... or draft.* overrides)"
+        )
+    module.draft.load_state_dict({k: v.float() for k, v in loaded.state_dict().items()})
+    log.info("initialised the draft from %s", draft_dir)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     out_dir = check_output_dir(cfg.paths.output_dir)
     check_fresh_run_dir(out_dir, cfg.get("ckpt_path"))
@@ -82,6 +100,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         seed=cfg.seed,
         compile=bool(cfg.get("compile", False)),
     )
+    if cfg.get("init_from"):
+        init_draft_weights(module, cfg.init_from, target.identity())
     n_params = module.draft.num_trainable()
     log.info(
         "draft: depth %d, fusion %s, %.2fM trainable parameters", draft_cfg.depth, draft_cfg.fusion, n_params / 1e6
