@@ -157,6 +157,7 @@ def test_corrupted_tensor_names_file_and_tensor(files, tmp_path, quant):
     bad.write_bytes(bytes(data))
     with pytest.raises(GGUFError, match=r"nan\.gguf: tensor 'blk\.1\.ffn_down\.weight' \(Q4_0.*non-finite"):
         load(bad, tmp_path, quant=quant)
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))  # no half-converted layout left behind
 
 
 def test_shape_target_writes_its_gguf_once(tmp_path):

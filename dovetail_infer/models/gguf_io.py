@@ -2,8 +2,9 @@
 GGUFs of a given config (the 7B/13B *shapes* used to measure verification cost).
 
 A GGUF target is converted once per layout (quant, group, dtype) into sharded safetensors, one shard per
-decoder layer, next to the metadata folder `convert_gguf` makes; loading reads those shards into the model's
-own buffers. Conversion memory-maps the GGUF and holds one layer's tensors at a time.
+decoder layer, next to the metadata folder `convert_gguf` makes; loading maps those shards (safetensors'
+`load_file`), so the model's buffers are the cached file's pages. Conversion memory-maps the GGUF and holds one
+layer's tensors at a time.
 
 Per GGUF tensor type and `target.quant`:
 - Q4_0 / Q4_1 with int4 (group 32): the 4-bit codes are copied into the int4 kernel's layout and each block's
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -272,6 +275,14 @@ def _group_tensors(reader, path: Path, cfg: LlamaConfig) -> tuple[dict[str, _Ten
     return glob, layers
 
 
+def _drop_pages(reader) -> None:
+    """Unmap the file pages read so far from this process (they stay in the page cache): the memory map would
+    otherwise count the whole GGUF in the converting process's RSS by the last layer."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
 def _expect(t: _Tensor, shape: tuple[int, ...]) -> None:
     if t.shape != shape:
         raise t.fail(f"expected shape {list(shape)} from the file's config")
@@ -279,10 +290,22 @@ def _expect(t: _Tensor, shape: tuple[int, ...]) -> None:
 
 def convert_weights(gguf: Path, out: Path, cfg: LlamaConfig, quant: str | None, group: int, dtype: torch.dtype) -> None:
     """The GGUF's weights in one layout as safetensors shards in `out` (one per layer), tensor by tensor."""
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # another process may be converting the same layout
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        _convert(gguf, tmp, cfg, quant, group, dtype)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # the other process finished first: same content
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
+
+
+def _convert(gguf: Path, tmp: Path, cfg: LlamaConfig, quant: str | None, group: int, dtype: torch.dtype) -> None:
     reader = open_gguf(gguf)
     glob, layers = _group_tensors(reader, gguf, cfg)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     how: Counter = Counter()
     D, hd = cfg.hidden_size, cfg.head_dim
     shapes = {
@@ -313,6 +336,7 @@ def convert_weights(gguf: Path, out: Path, cfg: LlamaConfig, quant: str | None, 
             sd.update(_convert_linear(f"layers.{i}.{name}", [t for _, t in sorted(parts)], quant, group, dtype, how))
         save_file(sd, tmp / f"model-{i + 1:05d}.safetensors")
         del sd
+        _drop_pages(reader)
     embed, norm, head = glob["token_embd"], glob["output_norm"], glob.get("output", glob["token_embd"])
     _expect(embed, (cfg.vocab_size, D))
     _expect(norm, (D,))
@@ -329,7 +353,6 @@ def convert_weights(gguf: Path, out: Path, cfg: LlamaConfig, quant: str | None, 
     lines = [f"{typ} -> {layout}: {n} tensors" for (typ, layout), n in sorted(how.items())]
     (tmp / "conversion.json").write_text(json.dumps({"gguf": str(gguf), "tensors": lines}, indent=1))
     log.info("%s converted (%s, group %d, %s): %s", gguf.name, quant or "dense", group, _dt(dtype), "; ".join(lines))
-    os.replace(tmp, out)
 
 
 def load_converted(folder: Path, cfg: LlamaConfig, quant: str | None, group: int) -> LlamaModel:
@@ -385,7 +408,7 @@ def write_random_gguf(
     if not cfg.tie_word_embeddings:
         tensors.append(("output.weight", (cfg.vocab_size, D)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     w = GGUFWriter(None, "llama")
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
