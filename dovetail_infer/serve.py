@@ -41,6 +41,7 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 # temperatures below this decode greedily (as vLLM does): logits / 1e-40 overflow float32 and sampling would fail
 GREEDY_BELOW = 1e-5
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming handler checks that its client is still there
 DEADLINE_GRACE_S = 1.0  # how long past a request's time limit its handler waits for the worker to report it
 
 
@@ -282,7 +283,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
         self.stream: TextStream | None = None
-        self.arrived = time.monotonic()
+        self.arrived = self.checked = time.monotonic()  # checked: when the handler last saw its client there
         self.started: float | None = None
         self.ended: float | None = None
         self.steps, self.tokens, self.step_sizes = 0, 0, []
@@ -587,16 +588,21 @@ class _Server:
         itself after a step, this covers a job still queued or a step that does not end). With `request`, a client
         that went away cancels the job (streaming responses learn it from the ASGI server instead)."""
         while True:
-            left = job.deadline + DEADLINE_GRACE_S - time.monotonic()
+            now = time.monotonic()
+            left = job.deadline + DEADLINE_GRACE_S - now
             if left <= 0:
                 job.request_cancel()
                 return "end", "timeout"
-            try:
-                return await asyncio.wait_for(job.events.get(), min(left, 0.25) if request is not None else left)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+            if request is not None and now - job.checked >= DISCONNECT_POLL_S:  # deltas may come without pause
+                job.checked = now
+                if await request.is_disconnected():
                     job.request_cancel()
                     return "end", "cancelled"
+            try:
+                wait = min(left, DISCONNECT_POLL_S) if request is not None else left
+                return await asyncio.wait_for(job.events.get(), wait)
+            except asyncio.TimeoutError:
+                pass
 
     async def complete(self, job: Job, request: Request, endpoint: str, t0: float) -> tuple[str, ChatResult]:
         """Wait for the whole reply (non-streaming)."""

@@ -163,6 +163,15 @@ def test_a_client_that_disconnects_mid_stream_frees_the_engine(server, client):
     _health(server.url)
 
 
+def test_a_non_streaming_client_that_goes_away_is_cancelled_too(server, client):
+    before = len(server.state.scheduler.finished)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(server.url + CHAT, json={"messages": MESSAGES, "max_tokens": 1500}, timeout=0.5)
+    (gone,) = _records(server.state, 1, before)
+    assert gone["outcome"] == "cancelled" and gone["tokens"] < 1500
+    assert client.chat.completions.create(model="d", messages=MESSAGES, max_tokens=2).usage.completion_tokens == 2
+
+
 def _body(**fields) -> bytes:
     return json.dumps({"model": "d", "messages": MESSAGES, **fields}).encode()
 
