@@ -604,7 +604,7 @@ class _Server:
             except asyncio.TimeoutError:
                 pass
 
-    async def complete(self, job: Job, request: Request, endpoint: str, t0: float) -> tuple[str, ChatResult]:
+    async def complete(self, job: Job, request: Request, t0: float) -> tuple[str, ChatResult]:
         """Wait for the whole reply (non-streaming)."""
         parts, first = [], True
         try:
@@ -734,7 +734,7 @@ def create_app(
                 media_type="text/event-stream",
                 headers=headers,
             )
-        text, r = await server.complete(job, request, endpoint, t0)
+        text, r = await server.complete(job, request, t0)
         if endpoint == CHAT:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
         else:
