@@ -93,3 +93,17 @@ def test_module_defaults_are_the_train_yaml_defaults():
     optim = {k: list(v) if isinstance(v, tuple) else v for k, v in OPTIM_DEFAULTS.items()}
     assert optim == OmegaConf.to_container(conf.optim)
     assert LOSS_DEFAULTS == OmegaConf.to_container(conf.loss)
+
+
+def test_init_from_starts_from_an_exported_draft(tmp_path):
+    """init_from loads the weights (with lr 0 the export is bitwise the start) and refuses another draft config."""
+    from safetensors.torch import load_file
+
+    run_train("debug=fdr", f"hydra.run.dir={tmp_path / 'a'}")
+    src = tmp_path / "a" / "draft"
+    proc = run_train("debug=fdr", "optim.lr=0.0", f"init_from={src}", f"hydra.run.dir={tmp_path / 'b'}")
+    assert "initialised the draft from" in proc.stdout + proc.stderr
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "b" / "draft" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    proc = run_train("debug=fdr", "draft.depth=2", f"init_from={src}", f"hydra.run.dir={tmp_path / 'c'}", check=False)
+    assert proc.returncode != 0 and "depth: 1 there vs 2 here" in proc.stderr
