@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, stamp
 
 from dovetail_infer.models.target import load_target, spec_from_yaml
 from dovetail_train.data import features as F
 from dovetail_train.data.conversations import load_conversations
 from dovetail_train.data.regenerate import regenerate
 from dovetail_train.data.tokenize import tokenize_conversations
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -75,6 +74,7 @@ def main() -> None:
         rows = [fc[i] for i in range(len(fc))]
         read_s = time.perf_counter() - t0
         result = {
+            **stamp(),
             "target": "smollm2_135m",
             "dtype": "bfloat16",
             "storage_dtype": "bfloat16",

@@ -20,12 +20,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, bench_prompts, engine_runner, llamacpp_runner, run_interleaved, stamp, target_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import ROOT, bench_prompts, engine_runner, llamacpp_runner, run_interleaved, target_for  # noqa: E402
-
-from dovetail_infer.engine import Dovetail, InferConfig  # noqa: E402
-from dovetail_infer.models.target import locate_gguf  # noqa: E402
+from dovetail_infer.engine import Dovetail, InferConfig
+from dovetail_infer.models.target import locate_gguf
 
 
 def main() -> None:
@@ -78,6 +76,7 @@ def main() -> None:
             }
         )
     result = {
+        **stamp(),
         "target": args.target,
         "prompts": len(prompts),
         "max_new_tokens": n,

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, stamp
 
 from dovetail_infer.models.target import load_target
 from dovetail_train.data import regenerate as R
 from dovetail_train.data.conversations import load_conversations
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -61,8 +60,9 @@ def main() -> None:
     keys = list(outputs)
     same = {f"{a[0]}{a[1]}_vs_{b[0]}{b[1]}": sum(x == y for x, y in zip(outputs[a], outputs[b])) / len(prompts)
             for a, b in zip(keys, keys[1:])}  # fmt: skip
-    result = {"target": "smollm2_135m", "dtype": "bfloat16", "threads": args.threads, "prompts": len(prompts),
-              "max_new_tokens": args.new, "load_avg": os.getloadavg()[0], "runs": runs, "identical_rows": same}  # fmt: skip
+    result = {**stamp(), "target": "smollm2_135m", "dtype": "bfloat16", "threads": args.threads,
+              "prompts": len(prompts), "max_new_tokens": args.new, "load_avg": os.getloadavg()[0], "runs": runs,
+              "identical_rows": same}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result["identical_rows"]))

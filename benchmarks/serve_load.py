@@ -17,17 +17,14 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from common import ROOT, stamp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, stamp  # noqa: E402
-
-from dovetail_infer.bench import conversation, load_bench  # noqa: E402
+from dovetail_infer.bench import conversation, load_bench
 
 BENCHES = ("mt_bench", "humaneval", "gsm8k", "alpaca", "sum", "qa")
 

@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, stamp
 from torch.profiler import ProfilerActivity, profile
 
 from dovetail_infer.compiled import CompiledForward
 from dovetail_infer.kv_cache import KVCache
 from dovetail_infer.models.llama import PackedLinear, QuantLinear, RMSNorm
 from dovetail_infer.models.target import load_target, spec_from_yaml
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
@@ -142,6 +141,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     result = {
+        **stamp(),
         "target": args.target,
         "dtype": args.dtype,
         "context": args.context,
