@@ -1,4 +1,4 @@
-"""Speculative decoding (EAGLE flow): target prefill -> [draft a tree -> transfer -> verify -> accept]*.
+"""Speculative decoding (EAGLE flow): target prefill -> [propose -> verify -> accept -> commit]*.
 
 The draft runs on `draft_device` with its own copies of the target's embedding and LM head; the target
 stays on its device. Only token ids (plus, when sampling, the draft distributions the tree's children
@@ -13,6 +13,11 @@ paired with their *true* target features.
 Prompt lookup (`InferConfig.lookup`): when the text so far ends in an n-gram that appeared before, the
 tokens that followed it are verified as a chain instead of a draft tree (no draft forward that step);
 the draft still commits every accepted token with its true feature, so it stays in sync.
+
+Code layout: `DraftSide` is the draft with its embedding, head, vocabulary map, forward and cache; a `_Generation`
+is one prompt's decoding: `prefill`, then per target forward `propose` (a `Proposal`: a looked-up chain, the draft's
+tree, or both) -> `verify` (ids and q rows to the target, one forward, acceptance) -> `accept` (statistics, the new
+tokens) -> `commit` (accepted tokens with their true features back to the draft), and `result`.
 """
 
 from __future__ import annotations
@@ -100,6 +105,11 @@ def check_draft_quant(draft_quant: str | None) -> None:
         raise ValueError(f"draft_quant must be null or one of {sorted(QUANT_BITS)}, got {draft_quant!r}")
 
 
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes held by `tensors`: what crosses between the target's and the draft's devices when they move."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @dataclass
 class GenerationResult:
     output_ids: list[int]  # new tokens only, EOS included when generated
@@ -119,6 +129,20 @@ class GenerationResult:
     lookup_forwards: int = 0  # forwards that verified a prompt-lookup chain instead of a draft tree
     lookup_accepted: int = 0  # looked-up tokens those forwards accepted
 
+    @classmethod
+    def of(cls, output_ids: list[int], forwards: int, decode_s: float, **stats: Any) -> GenerationResult:
+        """A result whose counts and rates (new tokens, τ, tokens/s) follow from the tokens, forwards and time."""
+        n = len(output_ids)
+        return cls(
+            output_ids=output_ids,
+            new_tokens=n,
+            forwards=forwards,
+            tau=(n - 1) / forwards if forwards else 0.0,
+            decode_s=decode_s,
+            tokens_per_s=n / decode_s if decode_s > 0 else 0.0,
+            **stats,
+        )
+
 
 class _Clock:
     """Accumulates wall time per key, synchronising CUDA around each timed region."""
@@ -133,6 +157,134 @@ class _Clock:
         yield
         sync(*self.devices)
         self.s[key] += time.perf_counter() - t0
+
+
+class DraftSide:
+    """The draft and what it runs with on its device: its own copies of the target's embedding and LM head (the
+    head cut to the draft vocabulary when `d2t` maps one to target ids), its forward (eager or compiled) and its
+    KV cache. `commit` writes accepted tokens with their true features; `grow` drafts a tree on scratch past them.
+    """
+
+    def __init__(
+        self,
+        draft: DraftModel,
+        target: Target,
+        device: torch.device,
+        draft_vocab: int | None = None,
+        token_counts: torch.Tensor | None = None,
+        compile: bool = False,
+        draft_quant: str | None = None,
+    ) -> None:
+        self.device, self.vocab_size = device, target.config.vocab_size
+        self.model = draft.to(device).eval().requires_grad_(False)
+        dtype = next(self.model.parameters()).dtype  # the draft side's own embedding / LM head (shared if not moved)
+        self.embed = target.embed.weight.detach().to(device, dtype)
+        self.head = target.lm_head.weight.detach().to(device, dtype)
+        self.d2t = self._vocab_map(draft_vocab, token_counts)
+        if self.d2t is not None:  # the draft proposes from the most frequent tokens only: a cheaper head
+            self.head = self.head[self.d2t].contiguous()
+        self.head_fn = self._swap_linears(draft_quant, can_pack(device, dtype))
+        self.forward = compiled_forward(self.model) if compile else self.model
+        self.cache: KVCache | None = None
+
+    def _vocab_map(self, size: int | None, counts: torch.Tensor | None) -> torch.Tensor | None:
+        """Ids of the `size` most frequent target tokens (the training loss's vocabulary), or None."""
+        V = self.vocab_size
+        if size is None or size >= V:
+            return None
+        if size < 1:
+            raise ValueError(f"draft_vocab must be >= 1 (or null for the full vocabulary), got {size}")
+        if counts is None or counts.numel() != V:
+            raise ValueError(
+                f"draft_vocab={size} needs the draft dir's token counts over the target vocabulary ({V}); "
+                "this draft has none: use draft_vocab=null"
+            )
+        return frequent_token_ids(counts, size).to(self.device)
+
+    def _swap_linears(self, draft_quant: str | None, pack: bool) -> torch.nn.Module:
+        """Quantize (weight-only int8/int4, CPU kernels) and/or oneDNN-prepack the draft's linears on a copy (the
+        caller's draft stays as it was); returns the LM head as a module treated the same way."""
+        head = torch.nn.Linear(self.head.shape[1], self.head.shape[0], bias=False, device="meta")
+        head.weight = torch.nn.Parameter(self.head, requires_grad=False)
+        head_fn: torch.nn.Module = head
+        if draft_quant or pack:
+            self.model = copy.deepcopy(self.model)
+        if draft_quant:  # the target still decides every token: lossless
+            check_draft_quant(draft_quant)
+            if self.device.type != "cpu":
+                raise ValueError(f"draft_quant={draft_quant} uses CPU kernels: the draft runs on {self.device}")
+            quantize_linears(self.model, draft_quant)
+            if quantizable(head, QUANT_BITS[draft_quant]):
+                head_fn = quant_linear(head, draft_quant)
+        if pack:  # what quantization left as nn.Linear, as the target's loader does (faster few-row products)
+            pack_linears(self.model)
+            if head_fn is head:
+                head_fn = PackedLinear(head)
+        return head_fn
+
+    def commit(self, feats: torch.Tensor, next_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Write (true feature, next token) pairs at [start, start+T), dropping the previous tree's scratch;
+        returns the last predicted feature."""
+        self.cache.rollback(start)
+        out = self.forward(feats[None], F.embedding(next_ids, self.embed)[None], cache=self.cache, start=start)
+        self.cache.length = start + len(next_ids)
+        return out[0, -1]
+
+    def grow(
+        self, root: int, pred: torch.Tensor, cfg: InferConfig, gen: torch.Generator
+    ) -> tuple[DraftTree, dict[int, torch.Tensor]]:
+        """Draft a tree below `root` from the root's predicted feature `pred` (D,); returns it and the draft's
+        log-distributions by candidate row."""
+        dc, nd, dev = self.cache, self.cache.length, self.device
+        sampling = cfg.temperature > 0
+        state = {"feats": pred[None], "vis": torch.zeros(1, 0, dtype=torch.bool, device=dev)}
+
+        def log_q(h: torch.Tensor) -> torch.Tensor:
+            # over the draft vocabulary only (tokens outside it have q = 0): picks map back to target ids
+            return log_probs(self.head_fn(h), cfg.temperature, cfg.top_p)
+
+        def expand(parent_rows: list[int], tokens: list[int], depth: int) -> torch.Tensor:
+            n_new, rows = len(tokens), torch.tensor(parent_rows, device=dev)
+            prev = state["vis"][rows]  # (F, scratch so far): each parent's visible scratch slots
+            slot = prev.shape[1]
+            vis = torch.cat([prev, torch.eye(n_new, dtype=torch.bool, device=dev)], 1)
+            mask = torch.cat([torch.ones(n_new, nd, dtype=torch.bool, device=dev), vis], 1)
+            pos = torch.full((1, n_new), nd + depth - 1, device=dev)
+            emb = F.embedding(torch.tensor(tokens, device=dev), self.embed)
+            x = state["feats"][rows][None]
+            out = self.forward(x, emb[None], positions=pos, mask=mask[None, None], cache=dc, start=nd + slot)[0]
+            state["feats"] = out
+            state["vis"] = vis
+            return log_q(out)
+
+        pick_draft = (lambda lq, k: gumbel_pick(lq, k, gen)) if sampling else topk_pick
+        if self.d2t is None:
+            pick = pick_draft
+        else:  # draft-vocabulary indices -> target token ids
+
+            def pick(lq: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                idx, score = pick_draft(lq, k)
+                return self.d2t[idx], score
+
+        # early stop only when greedy: with sampling the tree's shape must not depend on sampled values
+        floor = math.log(cfg.min_prob) if cfg.min_prob > 0 and not sampling else float("-inf")
+        return grow_tree(root, log_q(pred), expand, cfg.budget, cfg.depth, cfg.top_k, pick, floor)
+
+    def full_vocab(self, q: torch.Tensor) -> torch.Tensor:
+        """A draft distribution over the draft vocabulary (V_d,) as one over the target's (V,): zeros elsewhere."""
+        if self.d2t is None:
+            return q
+        return q.new_zeros(self.vocab_size).index_copy_(0, self.d2t, q)
+
+
+@dataclass
+class Proposal:
+    """What one step verifies below its root: a draft tree, a looked-up chain, or a tree with the chain grafted."""
+
+    tree: DraftTree
+    dists: dict[int, torch.Tensor]  # the draft's log-distributions by candidate row (empty without a draft tree)
+    looked: int  # looked-up tokens in the tree (0 = no lookup this step)
+    look_nodes: list[int]  # their tree nodes
 
 
 class Dovetail:
@@ -158,48 +310,17 @@ class Dovetail:
         self.ddev = torch.device(draft_device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ctx = target.config.max_position_embeddings
         self.max_len = min(max_len, ctx) if max_len else ctx
-        self.draft = None if draft is None else draft.to(self.ddev).eval().requires_grad_(False)
-        if self.draft is not None:  # the draft side's own embedding / LM head (shared when nothing moves)
-            ddtype = next(self.draft.parameters()).dtype
-            self.d_embed = target.embed.weight.detach().to(self.ddev, ddtype)
-            self.d_head = target.lm_head.weight.detach().to(self.ddev, ddtype)
-            self.d2t = self._draft_vocab(draft_vocab, token_counts)
-            if self.d2t is not None:  # the draft proposes from the most frequent tokens only: a cheaper head
-                self.d_head = self.d_head[self.d2t].contiguous()
-            head = torch.nn.Linear(self.d_head.shape[1], self.d_head.shape[0], bias=False, device="meta")
-            head.weight = torch.nn.Parameter(self.d_head, requires_grad=False)
-            self.d_head_fn: torch.nn.Module = head
-            pack = can_pack(self.ddev, ddtype)  # oneDNN-prepacked weights: ~2x faster few-row products
-            if draft_quant or pack:  # the linears are swapped below: the caller's draft stays as it was
-                self.draft = copy.deepcopy(self.draft)
-            if draft_quant:  # weight-only int8/int4 draft (CPU kernels); the target still decides every token
-                check_draft_quant(draft_quant)
-                if self.ddev.type != "cpu":
-                    raise ValueError(f"draft_quant={draft_quant} uses CPU kernels: the draft runs on {self.ddev}")
-                quantize_linears(self.draft, draft_quant)
-                if quantizable(head, QUANT_BITS[draft_quant]):
-                    self.d_head_fn = quant_linear(head, draft_quant)
-            if pack:  # what quantization left as nn.Linear, as the target's loader does
-                pack_linears(self.draft)
-                if self.d_head_fn is head:
-                    self.d_head_fn = PackedLinear(head)
-            self.d_forward = compiled_forward(self.draft) if mode else self.draft
+        self.draft_side = (
+            None
+            if draft is None
+            else DraftSide(draft, target, self.ddev, draft_vocab, token_counts, bool(mode), draft_quant)
+        )
         self._tcache: KVCache | None = None
-        self._dcache: KVCache | None = None
 
-    def _draft_vocab(self, size: int | None, counts: torch.Tensor | None) -> torch.Tensor | None:
-        """Ids of the `size` most frequent target tokens (the training loss's vocabulary), or None."""
-        V = self.target.config.vocab_size
-        if size is None or size >= V:
-            return None
-        if size < 1:
-            raise ValueError(f"draft_vocab must be >= 1 (or null for the full vocabulary), got {size}")
-        if counts is None or counts.numel() != V:
-            raise ValueError(
-                f"draft_vocab={size} needs the draft dir's token counts over the target vocabulary ({V}); "
-                "this draft has none: use draft_vocab=null"
-            )
-        return frequent_token_ids(counts, size).to(self.ddev)
+    @property
+    def draft(self) -> DraftModel | None:
+        """The draft model as the engine runs it (quantized or packed copies included), or None."""
+        return None if self.draft_side is None else self.draft_side.model
 
     @classmethod
     def from_pretrained(
@@ -282,12 +403,14 @@ class Dovetail:
         compiled here for up to `t_new` (target) / `d_new` (draft) tokens per forward, outside timed regions."""
         tdtype = self.target.dtype
         self._tcache = self._cache(self._tcache, self.t_forward, self.target.config, tdtype, n_target, t_new, self.tdev)
-        if self.draft is not None:
-            dtype, dim = self.d_embed.dtype, self.d_embed.shape[1]
-            example = (torch.zeros(1, 1, dim, dtype=dtype, device=self.ddev),) * 2  # features, embeddings
-            cfg = self.draft.config.layer_config()
-            self._dcache = self._cache(self._dcache, self.d_forward, cfg, dtype, n_draft, d_new, self.ddev, example)
-        return self._tcache, self._dcache
+        side = self.draft_side
+        if side is None:
+            return self._tcache, None
+        dtype, dim = side.embed.dtype, side.embed.shape[1]
+        example = (torch.zeros(1, 1, dim, dtype=dtype, device=self.ddev),) * 2  # features, embeddings
+        cfg = side.model.config.layer_config()
+        side.cache = self._cache(side.cache, side.forward, cfg, dtype, n_draft, d_new, self.ddev, example)
+        return self._tcache, side.cache
 
     def _cache(self, cache, forward, cfg, dtype, need: int, new: int, dev: torch.device, example=()) -> KVCache:
         compiled = isinstance(forward, CompiledForward)
@@ -307,61 +430,7 @@ class Dovetail:
         return cache
 
     def _budget(self, cfg: InferConfig) -> int:
-        return cfg.budget if self.draft is not None else 0
-
-    # ---- draft side -----------------------------------------------------------------------------
-
-    def _draft_step(self, feats: torch.Tensor, next_ids: list[int], start: int) -> torch.Tensor:
-        """Commit (true feature, next token) pairs at [start, start+T); returns the last predicted feature."""
-        dc = self._dcache
-        ids = torch.tensor(next_ids, device=self.ddev)
-        dc.rollback(start)  # drops the previous tree's scratch
-        out = self.d_forward(feats[None], F.embedding(ids, self.d_embed)[None], cache=dc, start=start)
-        dc.length = start + len(next_ids)
-        return out[0, -1]
-
-    def _grow(self, root: int, pred: torch.Tensor, cfg: InferConfig, gen: torch.Generator):
-        """Draft a tree below `root` from the root's predicted feature `pred` (D,)."""
-        dc, nd = self._dcache, self._dcache.length
-        sampling = cfg.temperature > 0
-        state = {"feats": pred[None], "vis": torch.zeros(1, 0, dtype=torch.bool, device=self.ddev)}
-
-        def log_q(h: torch.Tensor) -> torch.Tensor:
-            # over the draft vocabulary only (tokens outside it have q = 0): picks map back to target ids
-            return log_probs(self.d_head_fn(h), cfg.temperature, cfg.top_p)
-
-        def expand(parent_rows: list[int], tokens: list[int], depth: int) -> torch.Tensor:
-            n_new, rows = len(tokens), torch.tensor(parent_rows, device=self.ddev)
-            prev = state["vis"][rows]  # (F, scratch so far): each parent's visible scratch slots
-            slot = prev.shape[1]
-            vis = torch.cat([prev, torch.eye(n_new, dtype=torch.bool, device=self.ddev)], 1)
-            mask = torch.cat([torch.ones(n_new, nd, dtype=torch.bool, device=self.ddev), vis], 1)
-            pos = torch.full((1, n_new), nd + depth - 1, device=self.ddev)
-            emb = F.embedding(torch.tensor(tokens, device=self.ddev), self.d_embed)
-            x = state["feats"][rows][None]
-            out = self.d_forward(x, emb[None], positions=pos, mask=mask[None, None], cache=dc, start=nd + slot)[0]
-            state["feats"] = out
-            state["vis"] = vis
-            return log_q(out)
-
-        pick_draft = (lambda lq, k: gumbel_pick(lq, k, gen)) if sampling else topk_pick
-        if self.d2t is None:
-            pick = pick_draft
-        else:  # draft-vocabulary indices -> target token ids
-
-            def pick(lq: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-                idx, score = pick_draft(lq, k)
-                return self.d2t[idx], score
-
-        # early stop only when greedy: with sampling the tree's shape must not depend on sampled values
-        floor = math.log(cfg.min_prob) if cfg.min_prob > 0 and not sampling else float("-inf")
-        return grow_tree(root, log_q(pred), expand, cfg.budget, cfg.depth, cfg.top_k, pick, floor)
-
-    def _full_vocab(self, q: torch.Tensor) -> torch.Tensor:
-        """A draft distribution over the draft vocabulary (V_d,) as one over the target's (V,): zeros elsewhere."""
-        if self.d2t is None:
-            return q
-        return q.new_zeros(self.target.config.vocab_size).index_copy_(0, self.d2t, q)
+        return cfg.budget if self.draft_side is not None else 0
 
     # ---- decoding -------------------------------------------------------------------------------
 
@@ -379,114 +448,16 @@ class Dovetail:
         """`generate` as a generator: yields the new tokens of each step (the prefill's first token, then each
         target forward's accepted tokens and bonus token) and returns the GenerationResult. Closing it early stops
         decoding (a streaming caller that met a stop string)."""
-        cfg = cfg or InferConfig()
-        budget = max(self._budget(cfg), cfg.lookup)  # rows verified beyond the root, at most
-        self._check(prompt_ids, cfg, budget)
-        n, model, eos = len(prompt_ids), self.target.model, self.target.eos_ids
-        tc, dc = self._caches(
-            n + cfg.max_new_tokens + budget,
-            n + cfg.max_new_tokens + cfg.top_k * cfg.depth + 1,
-            budget + 1,
-            max(cfg.top_k, cfg.depth + 1),
-        )
-        tgen = torch.Generator(self.tdev).manual_seed(cfg.seed)
-        dgen = torch.Generator(self.ddev).manual_seed((cfg.seed * 6364136223846793005 + 1442695040888963407) % 2**63)
-        clock, nbytes = _Clock(self.tdev, self.ddev), 0
-        sampling = cfg.temperature > 0
-
-        with clock("prefill"):
-            tc.reset()
-            h = model(torch.tensor([prompt_ids], device=self.tdev), cache=tc, start=0)[0]
-            tc.length = n
-            out, stop = finish(
-                [next_token(model.logits(h[-1]), cfg.temperature, cfg.top_p, tgen)], eos, cfg.max_new_tokens
-            )
-            if self.draft is not None and not stop:
-                feats = h.to(self.ddev, self.d_embed.dtype)
-                nbytes += h.numel() * h.element_size() + 8 * n
-                dc.reset()
-                pred = self._draft_step(feats, list(prompt_ids[1:]) + out, 0)
-            index = NGramIndex(list(prompt_ids) + out) if cfg.lookup else None
-        yield list(out)
-
-        t_decode = time.perf_counter()
-        forwards, accept_lengths, per_depth = 0, [], [0] * max(cfg.depth, cfg.lookup)
-        lookups = lookup_accepted = 0
-        graft = cfg.lookup_graft and self.draft is not None
-        while not stop:
-            root = out[-1]
-            with clock("draft"):
-                look = index.propose(cfg.lookup) if index is not None else []
-                look_nodes = list(range(1, len(look) + 1))
-                if look and not graft:  # the text repeats an n-gram seen before: verify what followed it, no draft
-                    tree, dists = DraftTree.chain(root, look), {}
-                elif self.draft is not None:
-                    tree, dists = self._grow(root, pred, cfg, dgen)
-                    if look:  # the looked-up chain as a branch of the draft's tree
-                        tree, look_nodes = graft_chain(tree, look, budget)
-                else:
-                    tree, dists = DraftTree.root_only(root), {}
-            with clock("transfer"):  # token ids and parents (and the q rows sampling verifies with)
-                ids = torch.tensor(tree.tokens, device=self.tdev)
-                nbytes += 16 * len(tree.tokens)
-                q_rows = {}
-                if sampling and look:  # a looked-up token was proposed with certainty: q is one-hot
-                    V = self.target.config.vocab_size
-                    q_rows = {i: F.one_hot(ids[i + 1], V).double() for i in range(len(look))}
-                elif sampling:
-                    for node in {p for p in tree.parents if p >= 0}:
-                        q_rows[node] = self._full_vocab(dists[tree.cand[node]].exp()).to(self.tdev)
-                        nbytes += q_rows[node].numel() * q_rows[node].element_size()
-            with clock("verify"):
-                L, N1 = tc.length, len(tree.tokens)
-                pos = (L + torch.tensor(tree.depths, device=self.tdev))[None]
-                mask = torch.cat([torch.ones(N1, L, dtype=torch.bool, device=self.tdev), tree.mask(self.tdev)], 1)
-                h = self.t_forward(ids[None], positions=pos, mask=mask[None, None], cache=tc, start=L)[0]  # (N+1, D)
-                logits = model.logits(h)
-                if sampling:
-                    path, bonus = sample_accept(tree, probs(logits, cfg.temperature, cfg.top_p), q_rows, tgen)
-                else:
-                    path, bonus = greedy_accept(tree, logits)
-                tc.commit([L + i for i in path], start=L)
-            forwards += 1
-            accept_lengths.append(len(path) - 1)
-            if look:
-                lookups, lookup_accepted = lookups + 1, lookup_accepted + len(set(path) & set(look_nodes))
-            for d in range(len(path) - 1):
-                per_depth[d] += 1
-            new, stop = finish([tree.tokens[i] for i in path[1:]] + [bonus], eos, cfg.max_new_tokens - len(out))
-            out += new
+        run = _Generation(self, prompt_ids, cfg or InferConfig())
+        yield run.prefill()
+        run.start_decoding()
+        while not run.stop:
+            proposal = run.propose()
+            h, path, bonus = run.verify(proposal)
+            new = run.accept(proposal, path, bonus)
             yield new
-            if index is not None:
-                index.extend(new)
-            if stop or self.draft is None:
-                continue
-            with clock("transfer"):  # accepted tokens and their true features back to the draft
-                feats = h[path].to(self.ddev, self.d_embed.dtype)
-                nbytes += h[path].numel() * h.element_size() + 8 * len(new)
-            with clock("draft"):
-                pred = self._draft_step(feats, new, dc.length)
-        sync(self.tdev, self.ddev)
-        decode_s = time.perf_counter() - t_decode
-        s = clock.s
-        return GenerationResult(
-            output_ids=out,
-            new_tokens=len(out),
-            forwards=forwards,
-            tau=(len(out) - 1) / forwards if forwards else 0.0,
-            accept_lengths=accept_lengths,
-            accepted_per_depth=per_depth,
-            prefill_s=s["prefill"],
-            decode_s=decode_s,
-            draft_s=s["draft"],
-            verify_s=s["verify"],
-            transfer_s=s["transfer"],
-            other_s=max(decode_s - s["draft"] - s["verify"] - s["transfer"], 0.0),
-            transfer_bytes=nbytes,
-            tokens_per_s=len(out) / decode_s if decode_s > 0 else 0.0,
-            lookup_forwards=lookups,
-            lookup_accepted=lookup_accepted,
-        )
+            run.commit(new, h, path)
+        return run.result()
 
     @torch.no_grad()
     def generate_baseline(self, prompt_ids: list[int], cfg: InferConfig | None = None) -> GenerationResult:
@@ -506,14 +477,159 @@ class Dovetail:
             gen,
             self.t_forward,
         )
-        return GenerationResult(
-            output_ids=out,
-            new_tokens=len(out),
-            forwards=forwards,
-            tau=(len(out) - 1) / forwards if forwards else 0.0,
-            accept_lengths=[0] * forwards,
-            prefill_s=prefill_s,
-            decode_s=decode_s,
-            verify_s=decode_s,
-            tokens_per_s=len(out) / decode_s if decode_s > 0 else 0.0,
+        return GenerationResult.of(
+            out, forwards, decode_s, accept_lengths=[0] * forwards, prefill_s=prefill_s, verify_s=decode_s
+        )
+
+
+class _Generation:
+    """One speculative generation: prefill, then steps of propose -> verify -> accept -> commit. Holds the
+    caches, the random generators, the timers and the statistics that become the GenerationResult."""
+
+    def __init__(self, engine: Dovetail, prompt_ids: list[int], cfg: InferConfig) -> None:
+        self.engine, self.cfg, self.side = engine, cfg, engine.draft_side
+        self.budget = max(engine._budget(cfg), cfg.lookup)  # rows verified beyond the root, at most
+        engine._check(prompt_ids, cfg, self.budget)
+        self.prompt, n = list(prompt_ids), len(prompt_ids)
+        self.tc, _ = engine._caches(
+            n + cfg.max_new_tokens + self.budget,
+            n + cfg.max_new_tokens + cfg.top_k * cfg.depth + 1,
+            self.budget + 1,
+            max(cfg.top_k, cfg.depth + 1),
+        )
+        self.tgen = torch.Generator(engine.tdev).manual_seed(cfg.seed)
+        dseed = (cfg.seed * 6364136223846793005 + 1442695040888963407) % 2**63
+        self.dgen = torch.Generator(engine.ddev).manual_seed(dseed)
+        self.clock, self.nbytes = _Clock(engine.tdev, engine.ddev), 0
+        self.sampling = cfg.temperature > 0
+        self.graft = cfg.lookup_graft and self.side is not None
+        self.out: list[int] = []
+        self.stop = False
+        self.pred: torch.Tensor | None = None  # the draft's predicted feature of the last committed token
+        self.index: NGramIndex | None = None
+        self.forwards, self.lookups, self.lookup_accepted, self.t_decode = 0, 0, 0, 0.0
+        self.accept_lengths: list[int] = []
+        self.per_depth = [0] * max(cfg.depth, cfg.lookup)
+
+    def _to_draft(self, h: torch.Tensor, next_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """True features (from the target) and their next tokens, moved to the draft's device."""
+        feats = h.to(self.side.device, self.side.embed.dtype)
+        ids = torch.tensor(next_ids, device=self.side.device)
+        self.nbytes += tensor_bytes(h, ids)
+        return feats, ids
+
+    def prefill(self) -> list[int]:
+        """The prompt through the target (its first new token) and through the draft."""
+        cfg, model = self.cfg, self.engine.target.model
+        with self.clock("prefill"):
+            self.tc.reset()
+            h = model(torch.tensor([self.prompt], device=self.engine.tdev), cache=self.tc, start=0)[0]
+            self.tc.length = len(self.prompt)
+            first = next_token(model.logits(h[-1]), cfg.temperature, cfg.top_p, self.tgen)
+            self.out, self.stop = finish([first], self.engine.target.eos_ids, cfg.max_new_tokens)
+            if self.side is not None and not self.stop:
+                feats, ids = self._to_draft(h, self.prompt[1:] + self.out)
+                self.side.cache.reset()
+                self.pred = self.side.commit(feats, ids, 0)
+            self.index = NGramIndex(self.prompt + self.out) if cfg.lookup else None
+        return list(self.out)
+
+    def start_decoding(self) -> None:
+        self.t_decode = time.perf_counter()
+
+    def propose(self) -> Proposal:
+        """A looked-up chain when the text repeats an n-gram seen before (no draft step), else the draft's tree
+        (with the chain grafted as a branch under `lookup_graft`), else the root alone (no draft)."""
+        root, cfg = self.out[-1], self.cfg
+        with self.clock("draft"):
+            look = self.index.propose(cfg.lookup) if self.index is not None else []
+            look_nodes = list(range(1, len(look) + 1))
+            if look and not self.graft:
+                tree, dists = DraftTree.chain(root, look), {}
+            elif self.side is not None:
+                tree, dists = self.side.grow(root, self.pred, cfg, self.dgen)
+                if look:
+                    tree, look_nodes = graft_chain(tree, look, self.budget)
+            else:
+                tree, dists = DraftTree.root_only(root), {}
+        return Proposal(tree, dists, len(look), look_nodes)
+
+    def _q_rows(self, proposal: Proposal, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Sampling only: the distributions each parent's children were drawn from, on the target's device."""
+        if not self.sampling:
+            return {}
+        if proposal.looked:  # a looked-up token was proposed with certainty: q is one-hot, made on the target
+            V = self.engine.target.config.vocab_size
+            return {i: F.one_hot(ids[i + 1], V).double() for i in range(proposal.looked)}
+        tree, q_rows = proposal.tree, {}
+        for node in {p for p in tree.parents if p >= 0}:
+            q_rows[node] = self.side.full_vocab(proposal.dists[tree.cand[node]].exp()).to(self.engine.tdev)
+            self.nbytes += tensor_bytes(q_rows[node])
+        return q_rows
+
+    def verify(self, proposal: Proposal) -> tuple[torch.Tensor, list[int], int]:
+        """Send the proposal to the target, verify it in one forward, keep the accepted path in the target's
+        cache; returns the verified features, the accepted path (tree nodes, root first) and the bonus token."""
+        eng, tc, tree = self.engine, self.tc, proposal.tree
+        with self.clock("transfer"):
+            ids = torch.tensor(tree.tokens, device=eng.tdev)
+            self.nbytes += 2 * tensor_bytes(ids)  # the token ids and their parents (as many int64s)
+            q_rows = self._q_rows(proposal, ids)
+        with self.clock("verify"):
+            L, N1 = tc.length, len(tree.tokens)
+            pos = (L + torch.tensor(tree.depths, device=eng.tdev))[None]
+            mask = torch.cat([torch.ones(N1, L, dtype=torch.bool, device=eng.tdev), tree.mask(eng.tdev)], 1)
+            h = eng.t_forward(ids[None], positions=pos, mask=mask[None, None], cache=tc, start=L)[0]  # (N+1, D)
+            logits = eng.target.model.logits(h)
+            if self.sampling:
+                p = probs(logits, self.cfg.temperature, self.cfg.top_p)
+                path, bonus = sample_accept(tree, p, q_rows, self.tgen)
+            else:
+                path, bonus = greedy_accept(tree, logits)
+            tc.commit([L + i for i in path], start=L)
+        return h, path, bonus
+
+    def accept(self, proposal: Proposal, path: list[int], bonus: int) -> list[int]:
+        """Count the step; returns its new tokens (the accepted ones and the bonus, cut at EOS or the limit)."""
+        self.forwards += 1
+        self.accept_lengths.append(len(path) - 1)
+        if proposal.looked:
+            self.lookups += 1
+            self.lookup_accepted += len(set(path) & set(proposal.look_nodes))
+        for d in range(len(path) - 1):
+            self.per_depth[d] += 1
+        tokens = [proposal.tree.tokens[i] for i in path[1:]] + [bonus]
+        new, self.stop = finish(tokens, self.engine.target.eos_ids, self.cfg.max_new_tokens - len(self.out))
+        self.out += new
+        return new
+
+    def commit(self, new: list[int], h: torch.Tensor, path: list[int]) -> None:
+        """The accepted tokens and their true features go back to the draft (and the lookup index)."""
+        if self.index is not None:
+            self.index.extend(new)
+        if self.stop or self.side is None:
+            return
+        with self.clock("transfer"):
+            feats, ids = self._to_draft(h[path], new)
+        with self.clock("draft"):
+            self.pred = self.side.commit(feats, ids, self.side.cache.length)
+
+    def result(self) -> GenerationResult:
+        sync(self.engine.tdev, self.engine.ddev)
+        decode_s = time.perf_counter() - self.t_decode
+        s = self.clock.s
+        return GenerationResult.of(
+            self.out,
+            self.forwards,
+            decode_s,
+            accept_lengths=self.accept_lengths,
+            accepted_per_depth=self.per_depth,
+            prefill_s=s["prefill"],
+            draft_s=s["draft"],
+            verify_s=s["verify"],
+            transfer_s=s["transfer"],
+            other_s=max(decode_s - s["draft"] - s["verify"] - s["transfer"], 0.0),
+            transfer_bytes=self.nbytes,
+            lookup_forwards=self.lookups,
+            lookup_accepted=self.lookup_accepted,
         )

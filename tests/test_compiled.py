@@ -87,9 +87,9 @@ def test_compiled_draft_and_target_match_eager_engine(tiny_target):
     cfg = InferConfig(budget=8, depth=4, top_k=2, max_new_tokens=24)
     eager = Dovetail(tiny_target, draft, "cpu").generate(ids, cfg)
     comp = Dovetail(tiny_target, draft, "cpu", compile=True)
-    assert isinstance(comp.d_forward, CompiledForward)
+    assert isinstance(comp.draft_side.forward, CompiledForward)
     assert comp.generate(ids, cfg).output_ids == eager.output_ids == hf_greedy(tiny_target, ids, 24)
-    assert {tb for tb, _ in comp.d_forward._seen} >= {1, 2, 3}  # draft commits and tree levels were compiled
+    assert {tb for tb, _ in comp.draft_side.forward._seen} >= {1, 2, 3}  # draft commits and tree levels were compiled
 
 
 @pytest.mark.slow

@@ -99,7 +99,7 @@ def test_stops_at_eos_inside_an_accepted_path(tiny_target, monkeypatch):
 @torch.no_grad()
 def plain_draft_pred(eng: Dovetail, feats: torch.Tensor, next_ids: list[int]) -> torch.Tensor:
     """The draft without cache or tree: features (T, D) paired with next tokens -> last prediction."""
-    emb = F.embedding(torch.tensor(next_ids), eng.d_embed)
+    emb = F.embedding(torch.tensor(next_ids), eng.draft_side.embed)
     return eng.draft(feats[None], emb[None])[0, -1]
 
 
@@ -109,8 +109,8 @@ def test_draft_tree_and_commit_match_a_plain_forward(tiny_target, monkeypatch):
     followed by the predicted features along the node's branch."""
     ids = prompt(tiny_target, 0)
     eng = Dovetail(tiny_target, random_draft(tiny_target, depth=2), "cpu")
-    grow, trees = eng._grow, []
-    monkeypatch.setattr(eng, "_grow", lambda *a: trees.append(grow(*a)) or trees[-1])
+    grow, trees = eng.draft_side.grow, []
+    monkeypatch.setattr(eng.draft_side, "grow", lambda *a: trees.append(grow(*a)) or trees[-1])
 
     def accept_two(tree, logits):  # force long commits: accept the first branch up to depth 2
         path, kids = [0], tree.children()
@@ -119,7 +119,7 @@ def test_draft_tree_and_commit_match_a_plain_forward(tiny_target, monkeypatch):
         return path, int(logits[path[-1]].argmax())
 
     monkeypatch.setattr(engine, "greedy_accept", accept_two)
-    out = eng.generate(ids, InferConfig(budget=6, depth=3, top_k=2, max_new_tokens=12)).output_ids
+    out = eng.generate(ids, InferConfig(budget=6, depth=3, top_k=2, max_new_tokens=12, min_prob=0.0)).output_ids
     assert len(trees) == 4
     for step, (tree, dists) in enumerate(trees):
         seq = ids + out[: 1 + 3 * step]  # committed tokens + this tree's root
@@ -135,7 +135,7 @@ def test_draft_tree_and_commit_match_a_plain_forward(tiny_target, monkeypatch):
             for b in branch if node else []:
                 feats, toks = torch.cat([feats, pred[None]]), toks + [tree.tokens[b]]
                 pred = plain_draft_pred(eng, feats, toks)
-            want = torch.log_softmax(F.linear(pred, eng.d_head).float(), -1)
+            want = torch.log_softmax(F.linear(pred, eng.draft_side.head).float(), -1)
             torch.testing.assert_close(dists[tree.cand[node]], want, atol=1e-4, rtol=1e-4)
 
 
@@ -229,7 +229,7 @@ def test_quantized_draft_stays_lossless_and_keeps_the_callers_draft(tiny_target,
     eng = Dovetail(tiny_target, draft, "cpu", draft_quant=quant)
     quantized = [m for m in eng.draft.modules() if isinstance(m, QuantLinear)]
     assert quantized and all(m.bits == QUANT_BITS[quant] for m in quantized)
-    assert isinstance(eng.d_head_fn, QuantLinear)
+    assert isinstance(eng.draft_side.head_fn, QuantLinear)
     assert not any(isinstance(m, QuantLinear) for m in draft.modules())  # the caller's draft is untouched
     r = eng.generate(ids, InferConfig(budget=6, depth=4, top_k=2, max_new_tokens=n))
     assert r.output_ids == ref
@@ -246,7 +246,7 @@ def test_reduced_draft_vocab_stays_lossless_and_proposes_only_frequent_tokens(ti
     counts[ref[: n // 2]] = 5  # the first half of the continuation is "frequent"; the rest is not
     draft = CheatDraft(tiny_target, ids + ref, noise=0.0)
     eng = Dovetail(tiny_target, draft, "cpu", draft_vocab=64, token_counts=counts)
-    assert eng.d_head.shape[0] == 64 and set(ref[: n // 2]) <= set(eng.d2t.tolist())
+    assert eng.draft_side.head.shape[0] == 64 and set(ref[: n // 2]) <= set(eng.draft_side.d2t.tolist())
     r = eng.generate(ids, InferConfig(budget=4, depth=4, top_k=1, max_new_tokens=n))
     assert r.output_ids == ref
     full = Dovetail(tiny_target, draft, "cpu").generate(ids, InferConfig(budget=4, depth=4, top_k=1, max_new_tokens=n))
@@ -254,14 +254,14 @@ def test_reduced_draft_vocab_stays_lossless_and_proposes_only_frequent_tokens(ti
     with pytest.raises(ValueError, match="token counts"):
         Dovetail(tiny_target, draft, "cpu", draft_vocab=64)
     save_draft(random_draft(tiny_target), tmp_path / "d", tiny_target.identity())  # no counts: full vocabulary
-    assert Dovetail.from_pretrained(tmp_path / "d", tiny_target, "cpu", draft_vocab=64).d2t is None
+    assert Dovetail.from_pretrained(tmp_path / "d", tiny_target, "cpu", draft_vocab=64).draft_side.d2t is None
 
 
 def test_min_prob_stops_drafting_early_and_stays_lossless(tiny_target):
     n, ids = 32, prompt(tiny_target, 2)
     ref = hf_greedy(tiny_target, ids, n)
     eng = Dovetail(tiny_target, random_draft(tiny_target, depth=2), "cpu")
-    full = eng.generate(ids, InferConfig(budget=8, depth=6, top_k=2, max_new_tokens=n))
+    full = eng.generate(ids, InferConfig(budget=8, depth=6, top_k=2, max_new_tokens=n, min_prob=0.0))
     early = eng.generate(ids, InferConfig(budget=8, depth=6, top_k=2, max_new_tokens=n, min_prob=0.5))
     assert full.output_ids == early.output_ids == ref
     assert early.draft_s < full.draft_s  # an untrained draft is never confident: one level per forward

@@ -167,7 +167,7 @@ def test_speculative_sampling_matches_target_distribution(cfg, draft_vocab):
     draft = DraftModel(DraftConfig.from_target(target.config, depth=1))
     counts = torch.tensor([9, 1, 8, 7, 2, 6, 5, 3])  # draft vocabulary: tokens 0, 2, 3, 5, 6
     eng = Dovetail(target, draft, "cpu", draft_vocab=draft_vocab, token_counts=counts)
-    assert draft_vocab is None or eng.d2t.tolist() == [0, 2, 3, 5, 6]
+    assert draft_vocab is None or eng.draft_side.d2t.tolist() == [0, 2, 3, 5, 6]
     prompt = [1, 4, 2, 7]
     exact = exact_distribution(target, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     n, V = 3000, target.config.vocab_size
