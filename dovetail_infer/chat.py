@@ -5,15 +5,16 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from dovetail_infer.engine import Dovetail
-from dovetail_infer.evaluate import _infer_config, load_eval_target, resolve_device
+from dovetail_infer.engine import Dovetail, InferConfig
+from dovetail_infer.evaluate import INFER_DEFAULTS, load_eval_target, resolve_device, to_infer_config
 from dovetail_infer.text import ChatResult
 
 
-def build_engine(cfg: dict[str, Any]) -> tuple[Dovetail, Any]:
-    """The engine and the InferConfig of a chat/serve config (`ckpt: null` = the target alone)."""
-    infer = cfg["infer"]
-    icfg = _infer_config(infer, infer["budget"], int(cfg.get("seed") or 0))  # bad values fail before loading
+def build_engine(cfg: dict[str, Any]) -> tuple[Dovetail, InferConfig]:
+    """The engine and the InferConfig of a chat/serve config (`ckpt: null` = the target alone); `infer` keys it
+    leaves out take the defaults evaluate uses."""
+    infer = {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
+    icfg = to_infer_config(infer, seed=int(cfg.get("seed") or 0))  # bad values fail before loading
     target = load_eval_target(cfg)
     if cfg.get("ckpt"):
         engine = Dovetail.from_pretrained(
@@ -36,7 +37,7 @@ def status_line(r: ChatResult) -> str:
     )
 
 
-def reply(engine: Dovetail, messages: list[dict[str, str]], cfg: dict[str, Any], icfg: Any, out: TextIO) -> str:
+def reply(engine: Dovetail, messages: list[dict[str, str]], cfg: dict[str, Any], icfg: InferConfig, out: TextIO) -> str:
     """Stream one reply to `out`; Ctrl-C stops the reply (what was written so far is kept), not the program."""
     stream = engine.stream(messages, max_tokens=cfg["max_tokens"], stop=cfg.get("stop"), infer=icfg)
     parts = []

@@ -61,13 +61,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InferConfig:
+    """How one prompt is decoded. These defaults are the only ones: `evaluate.INFER_DEFAULTS` is built from them and
+    conf/infer/default.yaml restates them for Hydra (tests/test_defaults.py checks every value)."""
+
     budget: int = 8  # draft tokens per target forward (tree nodes, root excluded)
     depth: int = 6
     top_k: int = 4
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    max_new_tokens: int = 256
-    min_prob: float = 0.0  # greedy: stop drafting below this cumulative draft probability (0 = full depth)
+    max_new_tokens: int = 128
+    min_prob: float = 0.2  # greedy: stop drafting below this cumulative draft probability (0 = full depth)
     # prompt lookup: when the text so far ends in an n-gram seen before (prompt or answer), verify up to this
     # many tokens that followed it as a chain instead of drafting (no draft step; 0 = off)
     lookup: int = 0

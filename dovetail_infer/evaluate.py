@@ -42,25 +42,23 @@ log = logging.getLogger(__name__)
 # the InferConfig settings each summary row repeats
 ROW_INFER_KEYS = ("depth", "top_k", "min_prob", "lookup", "lookup_graft", "temperature", "top_p", "max_new_tokens")
 TIME_KEYS = ("prefill_s", "decode_s", "draft_s", "verify_s", "transfer_s", "other_s")
-INFER_DEFAULTS: dict[str, Any] = {
-    "budget": 8,
-    "budgets": None,
-    "depth": 6,
-    "top_k": 4,
+# evaluate's own settings beside InferConfig's: the budgets to sweep, how the engine is built, how runs are timed
+EVAL_DEFAULTS: dict[str, Any] = {
+    "budgets": [4, 8, 16],  # every budget is evaluated; null = [budget]
     "draft_vocab": 4096,
-    "min_prob": 0.2,
-    "lookup": 0,
-    "lookup_graft": False,
-    "temperature": 0.0,
-    "top_p": 1.0,
-    "max_new_tokens": 128,
-    "target_device": None,
+    "target_device": None,  # None = the target spec's device
     "draft_device": "auto",
     "max_len": None,
     "warmup": 1,
     "progress": True,
     "compile": False,
     "draft_quant": None,
+}
+# the `infer` settings of evaluate (and of chat / serve): InferConfig's defaults (the seed is the run's top-level
+# `seed`) and evaluate's own; conf/infer/default.yaml restates them for Hydra (tests/test_defaults.py)
+INFER_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in dataclasses.asdict(InferConfig()).items() if k != "seed"},
+    **EVAL_DEFAULTS,
 }
 
 
@@ -94,9 +92,15 @@ def _numeric(budget: int | str) -> int:
     return max(c[0] for c in CANDIDATES) if budget == "auto" else int(budget)
 
 
-def _infer_config(infer: dict[str, Any], budget: int, seed: int, **overrides: Any) -> InferConfig:
+def to_infer_config(
+    infer: dict[str, Any], budget: int | str | None = None, seed: int = 0, **overrides: Any
+) -> InferConfig:
+    """The InferConfig of an `infer` settings dict (a conf/infer group): its InferConfig keys (missing ones take
+    InferConfig's defaults), `budget` (an int or `auto`; by default `infer['budget']`), `seed` and `overrides`.
+    Other keys (evaluate's own) are ignored; bad values raise ValueError."""
     names = {f.name for f in dataclasses.fields(InferConfig)}
     values = {k: v for k, v in infer.items() if k in names}
+    budget = values.get("budget", InferConfig.budget) if budget is None else budget
     return InferConfig(**{**values, "budget": _numeric(budget), "seed": seed, **overrides})
 
 
@@ -145,7 +149,7 @@ def _prompts(target: Target, questions: list, name: str, limit_len: int) -> tupl
 def _run_baseline(engine, target, prompts, infer, seed, limit_len, bar, path) -> tuple[list[dict], int]:
     """Baseline over all prompts; appends later turns built from its own answers. Returns records, skipped."""
     records, skipped, queue = [], 0, list(prompts)
-    cfg = _infer_config(infer, infer["budget"], seed)
+    cfg = to_infer_config(infer, infer["budget"], seed)
     with open(path, "w", encoding="utf-8") as f:
         while queue:
             p = queue.pop(0)
@@ -186,7 +190,7 @@ def evaluate_bench(engine, target: Target, name: str, questions: list, infer: di
     for _ in range(int(infer["warmup"])):  # warm up kernels and caches; not recorded
         engine.generate_baseline(
             prompts[0]["prompt_ids"],
-            _infer_config(infer, budgets[0], seed, max_new_tokens=min(8, infer["max_new_tokens"])),
+            to_infer_config(infer, budgets[0], seed, max_new_tokens=min(8, infer["max_new_tokens"])),
         )
     bar.set_postfix_str("baseline")
     baseline, more = _run_baseline(engine, target, prompts, infer, seed, limit_len, bar, out / f"{name}_baseline.jsonl")
@@ -197,10 +201,10 @@ def evaluate_bench(engine, target: Target, name: str, questions: list, infer: di
         auto: dict[str, Any] = {}
         if budget == "auto":  # profile candidate shapes on this bench's first prompts, on these devices
             calib = [p["prompt_ids"] for p in prompts[:2]]
-            cfg, profile = autotune(engine, calib, _infer_config(infer, infer["budget"], seed))
+            cfg, profile = autotune(engine, calib, to_infer_config(infer, infer["budget"], seed))
             auto = {"auto_choice": {k: getattr(cfg, k) for k in ("budget", "depth", "top_k")}, "auto_profile": profile}
         else:
-            cfg = _infer_config(infer, budget, seed)
+            cfg = to_infer_config(infer, budget, seed)
         for _ in range(int(infer["warmup"])):
             engine.generate(
                 prompts[0]["prompt_ids"], dataclasses.replace(cfg, max_new_tokens=min(8, cfg.max_new_tokens))
@@ -272,7 +276,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
         raise ValueError(f"unknown infer keys {unknown}; known: {sorted(INFER_DEFAULTS)}")
     infer["budgets"] = [b if b == "auto" else int(b) for b in (infer["budgets"] or [infer["budget"]])]
     for b in infer["budgets"]:  # budget / depth / top_k <= 0 fail here, before any model is loaded
-        _infer_config(infer, 1 if b == "auto" else b, 0)
+        to_infer_config(infer, 1 if b == "auto" else b, 0)
     ml = infer["max_len"]
     if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 2):
         raise ValueError(f"infer.max_len must be null (the target's context) or an integer >= 2, got {ml!r}")

@@ -38,7 +38,8 @@ class SpeculativeValidation(L.Callback):
         if num_prompts < 0 or max_new_tokens < 1:
             raise ValueError(f"num_prompts must be >= 0 and max_new_tokens >= 1, got {num_prompts}, {max_new_tokens}")
         self.num_prompts, self.max_prompt_tokens = int(num_prompts), int(max_prompt_tokens)
-        self.cfg = InferConfig(max_new_tokens=max_new_tokens, budget=budget, depth=depth, top_k=top_k)
+        # no early stop (min_prob 0): the paper's tree is grown to its full budget
+        self.cfg = InferConfig(max_new_tokens=max_new_tokens, budget=budget, depth=depth, top_k=top_k, min_prob=0.0)
         self.draft_vocab = draft_vocab
         self.target: Any = None
         self.prompts: list[list[int]] = []

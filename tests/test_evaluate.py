@@ -244,16 +244,3 @@ def test_hydra_entry(draft_dir, bench_file, tmp_path):
     assert [(r["bench"], r["budget"], r["n_prompts"]) for r in rows] == [("custom", 2, 1)]
     assert (tmp_path / "answers" / "custom_b2.jsonl").exists() and (tmp_path / "tau_vs_budget.png").exists()
     assert "speedup" in proc.stdout and "custom" in proc.stdout
-
-
-def test_infer_defaults_name_the_same_settings_as_the_hydra_group():
-    """evaluate() called from Python falls back on INFER_DEFAULTS, the Hydra entry on conf/infer/default.yaml: a
-    setting added to one and forgotten in the other would be refused (or silently defaulted) in one entry only."""
-    import yaml
-
-    from dovetail_infer.evaluate import INFER_DEFAULTS
-
-    conf = yaml.safe_load((ROOT / "conf" / "infer" / "default.yaml").read_text())
-    assert set(conf) == set(INFER_DEFAULTS)
-    differ = {k for k in conf if conf[k] != INFER_DEFAULTS[k]}
-    assert differ <= {"budgets", "target_device"}, differ  # the Hydra entry sweeps budgets, names the CPU

@@ -26,7 +26,7 @@ def test_shipped_draft_is_accepted_and_lossless(smollm2_target):
     assert draft.config.depth >= 1
     engine = Dovetail.from_pretrained(SHIPPED, smollm2_target, draft_device="cpu")
     ids = smollm2_target.apply_chat_template([{"role": "user", "content": "Explain what a CPU cache is."}])
-    cfg = InferConfig(budget=15, depth=8, top_k=10, max_new_tokens=64)
+    cfg = InferConfig(budget=15, depth=8, top_k=10, max_new_tokens=64, min_prob=0.0)  # the paper's tree
     spec, base = engine.generate(ids, cfg), engine.generate_baseline(ids, cfg)
     assert spec.output_ids == base.output_ids
     assert spec.tau >= 1.5, spec.tau  # an untrained draft gets ~1.0

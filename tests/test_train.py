@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from helpers.train import ROOT, metrics_rows, run_train
+from helpers.train import metrics_rows, run_train
 
 
 def test_fast_dev_run_exports_a_draft_dir(tmp_path):
@@ -81,18 +81,6 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
 def test_online_features(tmp_path):
     run_train("data.features=online", "debug=fdr", f"hydra.run.dir={tmp_path}")
     assert (tmp_path / "draft" / "model.safetensors").exists()
-
-
-def test_module_defaults_are_the_train_yaml_defaults():
-    """Python-API users (DistillModule) and Hydra users (train.py) get the same recipe."""
-    from omegaconf import OmegaConf
-
-    from dovetail_train.module import LOSS_DEFAULTS, OPTIM_DEFAULTS
-
-    conf = OmegaConf.load(ROOT / "conf" / "train.yaml")
-    optim = {k: list(v) if isinstance(v, tuple) else v for k, v in OPTIM_DEFAULTS.items()}
-    assert optim == OmegaConf.to_container(conf.optim)
-    assert LOSS_DEFAULTS == OmegaConf.to_container(conf.loss)
 
 
 def test_init_from_starts_from_an_exported_draft(tmp_path):

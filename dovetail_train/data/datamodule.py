@@ -158,26 +158,29 @@ def check_data_config(c: dict[str, Any]) -> None:
 
 
 class DistillDataModule(L.LightningDataModule):
+    """Conversations -> (regenerated replies) -> tokenized examples -> cached target features -> batches. The
+    defaults are conf/data/default.yaml's (and conf/train.yaml's seed); tests/test_defaults.py checks them."""
+
     def __init__(
         self,
         target: Target,
         path: str,
         cache_dir: str,
         name: str = "data",
-        regenerate: bool = False,
-        max_new_tokens: int = 256,
-        regen_batch_size: int = 32,
+        regenerate: bool = True,
+        max_new_tokens: int = 128,
+        regen_batch_size: int = 64,
         limit: int | None = None,
-        max_length: int = 1024,
-        val_fraction: float = 0.05,
-        val_max_rows: int | None = None,
+        max_length: int = 512,
+        val_fraction: float = 0.1,
+        val_max_rows: int | None = 64,
         features: str = "offline",
         storage_dtype: str = "bfloat16",
         verify_cache: bool = True,
         batch_size: int = 8,
         group_by_length: bool = True,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int = 42,
     ) -> None:
         super().__init__()
         check_data_config(dict(locals()))
