@@ -40,6 +40,7 @@ def test_outside_a_clone_the_packaged_draft_and_data_are_the_defaults(tmp_path, 
     assert dovetail_cli._default_overrides([f"paths.root_dir={ROOT}"], uses_ckpt=True) == []
 
 
+@pytest.mark.slow
 def test_dovetail_chat_runs_outside_the_clone(tmp_path):
     exe = Path(sys.executable).parent / "dovetail-chat"
     if not exe.exists():
@@ -50,6 +51,7 @@ def test_dovetail_chat_runs_outside_the_clone(tmp_path):
     assert out.stdout.strip() and "4 tokens" in out.stderr
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_configs_draft_and_data_but_no_cache(tmp_path):
     pytest.importorskip("setuptools")  # pip wheel --no-build-isolation builds with the installed setuptools
     src = tmp_path / "src"

@@ -141,6 +141,7 @@ def test_compile_modes_are_checked_and_kept_apart(tiny_target):
     assert Dovetail(tiny_target, None, "cpu", compile="max-autotune").t_forward is b
 
 
+@pytest.mark.slow  # max-autotune compiles for minutes
 def test_max_autotune_target_step_stays_lossless(tiny_target):
     ids = prompt(tiny_target, 0)
     ref = hf_greedy(tiny_target, ids, 16)

@@ -229,6 +229,7 @@ def test_text_table_handles_missing_values():
 
 
 # --- the Hydra entry ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hydra_entry(draft_dir, bench_file, tmp_path):
     args = [
         "ckpt=" + str(draft_dir), "target=tiny_random", "bench=custom", f"bench.path={bench_file}", "bench.limit=1",

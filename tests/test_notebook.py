@@ -15,6 +15,8 @@ from dovetail_infer.checkpoint import save_draft
 from dovetail_infer.evaluate import evaluate_sweep
 from dovetail_infer.models.draft import DraftConfig, DraftModel
 
+pytestmark = pytest.mark.slow  # evaluates a sweep, then runs the notebook in a kernel
+
 NOTEBOOK = ROOT / "notebooks" / "ablation.ipynb"
 PNGS = [
     "ablation_tau_vs_depth.png",

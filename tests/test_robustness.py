@@ -63,6 +63,7 @@ def _ckpt_steps(run_dir: Path) -> list[int]:
     return [int(p.stem.rsplit("step", 1)[1]) for p in (run_dir / "checkpoints").glob("epoch*-step*.ckpt")]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_same_step_order_and_loss(tmp_path):
     """Uninterrupted N steps vs. SIGKILL after step k + `ckpt_path=last`: the same steps and the same losses."""
     full, crashed = tmp_path / "full", tmp_path / "crashed"
@@ -110,6 +111,7 @@ def _kill_at_step(cmd: list[str], run_dir: Path, min_step: int) -> None:
     proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_sigkill_in_second_epoch_of_epoch_based_run_ends_bitwise_equal(tmp_path):
     """The default, epoch-based setup: killed mid-way through epoch 2, resumed, the exported draft is bitwise the
     uninterrupted run's (before the fix the resumed run retrained epoch 2's first batches and skipped others)."""
@@ -158,6 +160,7 @@ def test_resumable_loader_skips_consumed_batches():
         ResumableLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=5)).load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_ckpt_with_pickle_payload_is_refused(tmp_path):
     """`ckpt_path=<file>` is read with weights_only=True: a crafted pickle fails and its code never runs."""
     marker = tmp_path / "pwned"
@@ -352,6 +355,7 @@ def test_non_finite_draft_is_never_saved_nor_loaded(tiny_target, draft_dir, tmp_
         load_draft(draft_dir, tiny_target.identity())
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_naming_step_and_part(tmp_path):
     proc = run_train("loss.w_feat=nan", "debug=fdr", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode != 0
@@ -359,6 +363,7 @@ def test_nan_loss_stops_training_naming_step_and_part(tmp_path):
     assert not (tmp_path / "draft" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -374,6 +379,7 @@ def test_bad_training_settings_fail_naming_the_key(tmp_path, overrides, expected
     assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_unwritable_run_dir_names_the_dir(tmp_path):
     """As root chmod does not stop writes: a run dir below a regular file cannot be created. Hydra creates the dir
     itself (its error names it); a dir that exists but refuses the log file gets the run log handler's message."""
@@ -387,6 +393,7 @@ def test_unwritable_run_dir_names_the_dir(tmp_path):
         RunLogHandler(str(blocker / "run" / "train.log"))
 
 
+@pytest.mark.slow
 def test_rerun_into_a_finished_run_dir_is_refused(tmp_path):
     """Without ckpt_path a second run would replace draft/ and mix its checkpoints with the first run's."""
     run_train("debug=fdr", f"hydra.run.dir={tmp_path}")

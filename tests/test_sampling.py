@@ -150,6 +150,7 @@ def exact_distribution(target, prompt: list[int], steps: int, temperature: float
     return out
 
 
+@pytest.mark.slow  # thousands of sampled generations
 @pytest.mark.parametrize(
     "cfg,draft_vocab",
     [
@@ -181,6 +182,7 @@ def test_speculative_sampling_matches_target_distribution(cfg, draft_vocab):
     assert chi2_pvalue(counts, exact) > 1e-3
 
 
+@pytest.mark.slow  # thousands of sampled generations
 @pytest.mark.parametrize("with_draft", [False, True], ids=["target-only", "draft"])
 def test_sampling_with_lookup_matches_target_distribution(with_draft):
     """Looked-up tokens are proposed with certainty (q one-hot): accepted with the target's probability, and

@@ -388,6 +388,7 @@ def test_smollm2_with_the_shipped_draft_serves_the_targets_greedy_text(smollm2_t
 
 
 # ---- serve.py --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_serve_py_serves_then_shuts_down_gracefully_on_sigterm(engine, tiny_target, tmp_path):
     import re
     import signal

@@ -15,6 +15,8 @@ import yaml
 from conftest import ROOT, target_spec
 from helpers.train import run_train
 
+pytestmark = pytest.mark.slow  # train.py and evaluate.py sweeps in subprocesses
+
 SHAREGPT = ROOT / "data" / "sharegpt" / "sharegpt_v3_first_turn_1000.json"
 
 

@@ -135,6 +135,7 @@ def tiny_draft_dir(tiny_target, tmp_path_factory):
                       tiny_target.identity())  # fmt: skip
 
 
+@pytest.mark.slow
 def test_chat_cli_answers_a_prompt_and_piped_turns(engine, tiny_draft_dir, tmp_path):
     one = _chat(tiny_draft_dir, tmp_path, "prompt=Write a haiku about the sea.")
     assert one.returncode == 0, one.stderr[-2000:]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers.train import metrics_rows, run_train
+
+pytestmark = pytest.mark.slow  # train.py in a subprocess
 
 
 def test_fast_dev_run_exports_a_draft_dir(tmp_path):
