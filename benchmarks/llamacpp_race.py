@@ -29,7 +29,7 @@ from dovetail_infer.models.target import locate_gguf
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2_135m")
-    ap.add_argument("--bench-root", default=str(ROOT.parent / "shared" / "data" / "bench"))
+    ap.add_argument("--bench-root", default=str(ROOT / "data" / "bench"))
     ap.add_argument("--per-bench", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)

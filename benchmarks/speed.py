@@ -7,7 +7,7 @@ our target-only decoding, an EAGLE-1 draft and the Dovetail draft at several bud
 `--graft` adds the Dovetail tree rows + lookup with the looked-up chain grafted onto the draft's tree
 (`infer.lookup_graft=true`).
 
-Prompts: the first questions of the six bench sets (../shared/data/bench), greedy, decoding only
+Prompts: the first questions of the six bench sets (data/bench), greedy, decoding only
 (prefill timed separately and excluded). Each configuration's tokens/s is the mean over prompts; the
 reported number is the median of `--runs` passes; within a pass the configurations take turns prompt by
 prompt so machine noise hits all of them alike. Greedy outputs are compared with our own target-only
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--dovetail", required=True, help="exported Dovetail draft dir")
     ap.add_argument("--eagle", help="exported EAGLE-1 (concat, depth 1) draft dir")
     ap.add_argument("--target", default="smollm2_135m")
-    ap.add_argument("--bench-root", default=str(ROOT.parent / "shared" / "data" / "bench"))
+    ap.add_argument("--bench-root", default=str(ROOT / "data" / "bench"))
     ap.add_argument("--per-bench", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--runs", type=int, default=3)
