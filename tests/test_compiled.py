@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import num_threads, target_spec
-from helpers.engine import CheatDraft, compactions, hf_greedy, near_tie, prompt
+from helpers.engine import CheatDraft, compactions, hf_greedy, near_tie, prompt, random_draft
 from helpers.trees import PARENTS, ancestry
 
 from dovetail_infer.compiled import CompiledForward
@@ -80,8 +80,6 @@ def test_compiled_speculative_equals_hf(tiny_target, compiled_engine, monkeypatc
 def test_compiled_draft_and_target_match_eager_engine(tiny_target):
     """A real (random) draft compiled too: every draft/verify forward goes through the buckets and the
     tokens equal the eager engine's."""
-    from test_engine import random_draft
-
     ids = prompt(tiny_target, 2)
     draft = random_draft(tiny_target, depth=2, seed=3)
     cfg = InferConfig(budget=8, depth=4, top_k=2, max_new_tokens=24)
