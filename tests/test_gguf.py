@@ -168,3 +168,20 @@ def test_shape_target_writes_its_gguf_once(tmp_path):
     mtime = shape_files[0].stat().st_mtime_ns
     b = load_target(spec)
     assert shape_files[0].stat().st_mtime_ns == mtime and a.source_id == b.source_id
+
+
+def test_int8_weights_at_an_unaligned_address_are_copied():
+    """Weights memory-mapped from a converted file can start 8 bytes past a 64-byte boundary; aten's int8 kernel
+    segfaulted on such a buffer for 4+ rows (the 7B shape). from_quantized copies them; the numbers are unchanged."""
+    from dovetail_infer.models.llama import QuantLinear
+
+    N, K = 512, 256
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randint(-127, 127, (N * K + 8,), dtype=torch.int8, generator=g)
+    unaligned = buf[8:].view(N, K) if buf[8:].data_ptr() % 64 else buf[1:].view(N, K)
+    scales = torch.rand(N, generator=g).bfloat16()
+    lin = QuantLinear.from_quantized(unaligned, scales, 8, 32, N, K)
+    assert lin.qweight.data_ptr() % 64 == 0 and torch.equal(lin.qweight, unaligned)
+    x = torch.randn(4, K, generator=g).bfloat16()
+    ref = QuantLinear.from_quantized(unaligned.clone(), scales, 8, 32, N, K)(x)
+    assert torch.equal(lin(x), ref)

@@ -522,6 +522,8 @@ class QuantLinear(nn.Module):
         self.bits, self.group, self.act8 = bits, group, False
         self.out_features, self.in_features = out_features, in_features
         self.register_parameter("weight", None)
+        if bits == 8 and qweight.data_ptr() % 64:  # a memory-mapped file's offset: the int8 kernel crashed at >= 4 rows
+            qweight = qweight.clone()
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         return self
