@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from dovetail_infer.baseline import autoregressive, finish, next_token, sync
 from dovetail_infer.checkpoint import frequent_token_ids, load_draft, load_token_counts
 from dovetail_infer.compiled import CompiledForward, compile_mode, compiled_forward
-from dovetail_infer.kv_cache import KVCache
+from dovetail_infer.kv_cache import KVCache, round_up
 from dovetail_infer.lookup import NGramIndex
 from dovetail_infer.models.draft import DraftModel
 from dovetail_infer.models.llama import (
@@ -420,7 +420,7 @@ class Dovetail:
         if compiled:  # room for padded buckets; coarse sizes: every cache size is another compiled graph
             need += forward.bucket(new) or 0
         step = 512 if compiled else 256
-        size = min(-(-need // step) * step, max(self.max_len, need))
+        size = min(round_up(need, step), max(self.max_len, need))
         # eager attention reads only the filled prefix, so a larger cache costs nothing there; a compiled step
         # attends over the whole buffer under a mask, so after a long prompt a short one gets a smaller cache
         # again (SmolLM2 int4, 1 token at context 300: 8.4 ms over 512 slots, 9.5 over 1024, 10.2 over 1536),

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 class KVCache:
     """Keys and values, one preallocated (B, Hk, max_len, d) tensor per layer.
 
@@ -56,7 +60,7 @@ class KVCache:
             raise ValueError(f"KV cache overflow: need {end} positions, the cache holds {self.max_len}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        stop = min(-(-end // round_to) * round_to, self.max_len)
+        stop = min(round_up(end, round_to), self.max_len)
         return self.k[layer][:, :, :stop], self.v[layer][:, :, :stop]
 
     def keep_rows(self, rows: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dovetail_infer import kernels
+from dovetail_infer.kv_cache import round_up
 
 
 @dataclass
@@ -155,10 +156,6 @@ class Attention(nn.Module):
 SMALL_QUERY = 32  # up to this many new tokens (with a cache), attention runs as two matmuls, not SDPA (see below)
 TAIL = SMALL_QUERY  # a query at position p sums the keys of positions p-TAIL+1..p apart, in position order
 BLOCK = 64  # the keys before the tail are weighted in GEMMs of exactly this many cache slots (see block_weighted_sum)
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class SplitMask(NamedTuple):
