@@ -3,7 +3,7 @@
 The target first writes replies for the first N embedded prompts (`regenerate`, cached under the data cache,
 so reruns skip it), the chats are tokenized, and a fresh feature cache is built in a temporary folder.
 Usage: python benchmarks/feature_extraction.py [--n 64] [--new 96] [--batch-tokens 8192]
-Writes benchmarks/results/feature_extraction.json.
+Writes benchmarks/results/feature_extraction/feature_extraction.json.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, stamp
+from common import RESULTS, ROOT, stamp
 
 from dovetail_infer.models.target import load_target, spec_from_yaml
 from dovetail_train.data import features as F
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--shard-rows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "feature_extraction.json"))
+    ap.add_argument("--out", default=str(RESULTS / "feature_extraction" / "feature_extraction.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

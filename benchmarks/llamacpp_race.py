@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, bench_prompts, engine_runner, llamacpp_runner, run_interleaved, stamp, target_for
+from common import RESULTS, ROOT, bench_prompts, engine_runner, llamacpp_runner, run_interleaved, stamp, target_for
 
 from dovetail_infer.engine import Dovetail, InferConfig
 from dovetail_infer.models.target import locate_gguf
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--lookup", type=int, default=3)
     ap.add_argument("--mode", default="max-autotune", help="infer.compile mode of our rows")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llamacpp_race"))
+    ap.add_argument("--out", default=str(RESULTS / "llamacpp_race" / "llamacpp_race"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.max_new_tokens

@@ -1,7 +1,7 @@
 """Regeneration throughput: HF `generate` vs our static-KV-cache batched greedy loop, SmolLM2 bf16 on CPU.
 
 Usage: python benchmarks/regeneration.py [--n 64] [--new 48] [--batches 16 32 64]
-Writes benchmarks/results/regeneration.json. tokens/s = new tokens kept (up to and including EOS) / wall time.
+Writes benchmarks/results/regeneration/regeneration.json. tokens/s = new tokens kept (up to and including EOS) / wall time.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, stamp
+from common import RESULTS, ROOT, stamp
 
 from dovetail_infer.models.target import load_target
 from dovetail_train.data import regenerate as R
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--engines", nargs="+", default=["hf", "static"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "regeneration.json"))
+    ap.add_argument("--out", default=str(RESULTS / "regeneration" / "regeneration.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

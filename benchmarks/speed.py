@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from common import (
+    RESULTS,
     ROOT,
     Run,
     Runner,
@@ -89,7 +90,7 @@ def main() -> None:
         help="also the Dovetail tree rows (top_k > 1) + lookup with the chain grafted onto the draft's tree (a chain "
         "draft gives way to the looked-up chain whole: the same τ, only the draft's cost)",
     )
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
+    ap.add_argument("--out", default=str(RESULTS / "speed" / "speed"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.max_new_tokens

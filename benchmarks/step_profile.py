@@ -6,7 +6,7 @@ decoding (1 new token) and verification (k tokens).
 For each k: median ms of one forward (LM head included) over a `--context`-token cache, all variants side
 by side (interleaved), each split by torch.profiler into weight products, attention's batched matmuls,
 dynamo's guard check and the rest; and each variant's weight-streaming floor: bytes read per forward /
-the memory read bandwidth measured here. Writes benchmarks/results/step_profile.json and .md.
+the memory read bandwidth measured here. Writes benchmarks/results/step_profile/step_profile.json and .md.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, stamp
+from common import RESULTS, ROOT, stamp
 from torch.profiler import ProfilerActivity, profile
 
 from dovetail_infer.compiled import CompiledForward
 from dovetail_infer.kv_cache import KVCache
-from dovetail_infer.models.llama import PackedLinear, QuantLinear, RMSNorm
+from dovetail_infer.models.linear import PackedLinear, QuantLinear
+from dovetail_infer.models.llama import RMSNorm
 from dovetail_infer.models.target import load_target, spec_from_yaml
 
 
@@ -95,7 +96,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--max-autotune", action="store_true", help="also compiled with infer.compile=max-autotune")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_profile"))
+    ap.add_argument("--out", default=str(RESULTS / "step_profile" / "step_profile"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     yaml = ROOT / "conf" / "target" / f"{args.target}.yaml"

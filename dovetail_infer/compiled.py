@@ -24,7 +24,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from dovetail_infer.kv_cache import KVCache
-from dovetail_infer.models.llama import causal_mask
+from dovetail_infer.models.attention import causal_mask
 
 log = logging.getLogger(__name__)
 

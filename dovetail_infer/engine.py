@@ -42,7 +42,7 @@ from dovetail_infer.compiled import CompiledForward, compile_mode, compiled_forw
 from dovetail_infer.kv_cache import KVCache, round_up
 from dovetail_infer.lookup import NGramIndex
 from dovetail_infer.models.draft import DraftModel
-from dovetail_infer.models.llama import (
+from dovetail_infer.models.linear import (
     QUANT_BITS,
     PackedLinear,
     can_pack,

@@ -9,7 +9,7 @@ from conftest import num_threads, target_spec
 from helpers.trees import PARENTS, ancestry
 
 from dovetail_infer.kv_cache import KVCache
-from dovetail_infer.models.llama import TAIL, split_attention, split_mask
+from dovetail_infer.models.attention import TAIL, split_attention, split_mask
 from dovetail_infer.models.target import load_target
 
 

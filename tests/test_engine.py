@@ -11,7 +11,7 @@ from helpers.engine import CheatDraft, compactions, hf_greedy, prompt, random_dr
 from dovetail_infer import engine
 from dovetail_infer.checkpoint import save_draft
 from dovetail_infer.engine import Dovetail, InferConfig
-from dovetail_infer.models.llama import QUANT_BITS, QuantLinear
+from dovetail_infer.models.linear import QUANT_BITS, QuantLinear
 from dovetail_infer.models.target import Target, load_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from dovetail_infer.engine import Dovetail, InferConfig
 from dovetail_infer.models.gguf_io import GGUFError, open_gguf, write_random_gguf
-from dovetail_infer.models.llama import LlamaConfig, QuantLinear
+from dovetail_infer.models.linear import QuantLinear
+from dovetail_infer.models.llama import LlamaConfig
 from dovetail_infer.models.target import load_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -173,7 +174,7 @@ def test_shape_target_writes_its_gguf_once(tmp_path):
 def test_int8_weights_at_an_unaligned_address_are_copied():
     """Weights memory-mapped from a converted file can start 8 bytes past a 64-byte boundary; aten's int8 kernel
     segfaulted on such a buffer for 4+ rows (the 7B shape). from_quantized copies them; the numbers are unchanged."""
-    from dovetail_infer.models.llama import QuantLinear
+    from dovetail_infer.models.linear import QuantLinear
 
     N, K = 512, 256
     g = torch.Generator().manual_seed(0)

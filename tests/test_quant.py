@@ -9,7 +9,7 @@ from conftest import target_spec
 from helpers.engine import CheatDraft, prompt
 
 from dovetail_infer.engine import Dovetail, InferConfig
-from dovetail_infer.models.llama import QuantLinear, quantize_linears
+from dovetail_infer.models.linear import QuantLinear, quantize_linears
 from dovetail_infer.models.target import load_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -33,15 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dovetail_infer.models.llama import (
-    QUANT_BITS,
-    LlamaConfig,
-    LlamaModel,
-    QuantLinear,
-    quant_linear,
-    quantizable,
-    rope_inv_freq,
-)
+from dovetail_infer.models.linear import QUANT_BITS, QuantLinear, quant_linear, quantizable
+from dovetail_infer.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
 
 log = logging.getLogger(__name__)
 

@@ -29,16 +29,8 @@ from dovetail_infer.models.gguf_io import (
     load_converted,
     open_gguf,
 )
-from dovetail_infer.models.llama import (
-    QUANT_BITS,
-    LlamaConfig,
-    LlamaModel,
-    can_pack,
-    pack_linears,
-    quantize_linears,
-    rope_inv_freq,
-    unfuse_state_dict,
-)
+from dovetail_infer.models.linear import QUANT_BITS, can_pack, pack_linears, quantize_linears
+from dovetail_infer.models.llama import LlamaConfig, LlamaModel, rope_inv_freq, unfuse_state_dict
 
 log = logging.getLogger(__name__)
 
