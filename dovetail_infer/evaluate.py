@@ -175,6 +175,18 @@ def _run_baseline(engine, target, prompts, infer, seed, limit_len, bar, path) ->
     return records, skipped
 
 
+def _budget_config(
+    engine: Dovetail, prompts: list[dict], infer: dict[str, Any], budget: int | str, seed: int
+) -> tuple[InferConfig, dict[str, Any]]:
+    """The InferConfig of one budget, and for `auto` the row's auto_choice / auto_profile: autotune profiles the
+    candidate shapes on this bench's first prompts, on these devices."""
+    if budget != "auto":
+        return to_infer_config(infer, budget, seed), {}
+    calib = [p["prompt_ids"] for p in prompts[:2]]
+    cfg, profile = autotune(engine, calib, to_infer_config(infer, infer["budget"], seed))
+    return cfg, {"auto_choice": {k: getattr(cfg, k) for k in ("budget", "depth", "top_k")}, "auto_profile": profile}
+
+
 def evaluate_bench(engine, target: Target, name: str, questions: list, infer: dict, meta: dict, out: Path) -> list:
     """All budgets of one bench (baseline once); writes answers/<bench>_*.jsonl, returns summary rows."""
     seed, budgets = int(meta["seed"]), infer["budgets"]
@@ -198,13 +210,7 @@ def evaluate_bench(engine, target: Target, name: str, questions: list, infer: di
     rows = []
     for budget in budgets:
         bar.set_postfix_str(f"budget {budget}")
-        auto: dict[str, Any] = {}
-        if budget == "auto":  # profile candidate shapes on this bench's first prompts, on these devices
-            calib = [p["prompt_ids"] for p in prompts[:2]]
-            cfg, profile = autotune(engine, calib, to_infer_config(infer, infer["budget"], seed))
-            auto = {"auto_choice": {k: getattr(cfg, k) for k in ("budget", "depth", "top_k")}, "auto_profile": profile}
-        else:
-            cfg = to_infer_config(infer, budget, seed)
+        cfg, auto = _budget_config(engine, prompts, infer, budget, seed)
         for _ in range(int(infer["warmup"])):
             engine.generate(
                 prompts[0]["prompt_ids"], dataclasses.replace(cfg, max_new_tokens=min(8, cfg.max_new_tokens))
@@ -249,6 +255,74 @@ def load_eval_target(cfg: dict[str, Any]) -> Target:
     return load_target(spec)
 
 
+def _read_draft(ckpt: Any) -> tuple[Path, dict[str, Any]]:
+    """The draft dir of `cfg['ckpt']` and the facts each summary row repeats; fails before any model is loaded."""
+    if _missing(ckpt):
+        raise ValueError("ckpt is required: pass ckpt=/path/to/draft_dir (an exported draft dir with config.json)")
+    ckpt = Path(str(ckpt)).expanduser()
+    draft_meta = read_meta(ckpt)
+    try:
+        draft_cfg = DraftConfig.from_dict(json.loads((ckpt / CONFIG).read_text())).to_dict()
+    except (OSError, ValueError, TypeError) as e:  # missing, bad JSON, unknown keys, bad values
+        raise ValueError(f"{ckpt / CONFIG}: not a valid draft config ({e})") from e
+    return ckpt, {
+        "ckpt": str(ckpt),
+        "draft_layers": draft_cfg.get("depth"),
+        "fusion": draft_cfg.get("fusion"),
+        "draft_params": draft_meta.get("trainable_params"),
+    }
+
+
+def _output_dir(cfg: dict[str, Any], output_dir: str | Path | None) -> Path:
+    """`output_dir=`, else the config's output_dir (or Hydra's paths.output_dir), checked by check_output_dir."""
+    out_dir = output_dir or cfg.get("output_dir") or (cfg.get("paths") or {}).get("output_dir")
+    if _missing(out_dir):
+        raise ValueError("no output dir: pass output_dir= (the Hydra entry uses the run's output dir)")
+    return check_output_dir(str(out_dir))
+
+
+def _infer_settings(cfg: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """`cfg['infer']` over INFER_DEFAULTS with `budgets` resolved, and the compile mode; every bad value raises
+    ValueError here, before any model is loaded."""
+    infer = {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
+    unknown = sorted(set(infer) - set(INFER_DEFAULTS) - {f.name for f in dataclasses.fields(InferConfig)})
+    if unknown:
+        raise ValueError(f"unknown infer keys {unknown}; known: {sorted(INFER_DEFAULTS)}")
+    infer["budgets"] = [b if b == "auto" else int(b) for b in (infer["budgets"] or [infer["budget"]])]
+    for b in infer["budgets"]:  # budget / depth / top_k <= 0
+        to_infer_config(infer, 1 if b == "auto" else b, 0)
+    ml = infer["max_len"]
+    if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 2):
+        raise ValueError(f"infer.max_len must be null (the target's context) or an integer >= 2, got {ml!r}")
+    mode = compile_mode(infer["compile"])
+    check_draft_quant(infer["draft_quant"])
+    return infer, mode
+
+
+def _load_benches(cfg: dict[str, Any]) -> dict[str, list]:
+    bench_cfg = cfg.get("bench") or {"name": "humaneval_pkg"}
+    return {
+        n: load_bench(n, bench_cfg.get("root"), bench_cfg.get("path"), bench_cfg.get("limit"))
+        for n in bench_names(bench_cfg)
+    }
+
+
+def _run_meta(
+    seed: int, draft_device: str, target: Target, draft: dict[str, Any], infer: dict[str, Any], mode: str | None
+) -> dict[str, Any]:
+    """The run's settings and facts; each summary row repeats all but the seed."""
+    return {
+        "seed": seed,
+        "draft_device": draft_device,
+        "target_device": str(target.device),
+        "target_dtype": str(target.dtype).replace("torch.", ""),
+        "target": target.spec.name,
+        **draft,
+        "compiled": mode or False,
+        "draft_quant": infer["draft_quant"],
+    }
+
+
 def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, target: Target | None = None) -> list:
     """Run every bench x budget for the draft in `cfg['ckpt']`; returns the summary rows (also in summary.json).
 
@@ -256,37 +330,11 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
     A loaded `target` may be passed to reuse it across calls (e.g. a sweep).
     """
     cfg = _as_dict(cfg)
-    ckpt = cfg.get("ckpt")
-    if _missing(ckpt):
-        raise ValueError("ckpt is required: pass ckpt=/path/to/draft_dir (an exported draft dir with config.json)")
-    ckpt = Path(str(ckpt)).expanduser()
-    draft_meta = read_meta(ckpt)  # fail before loading models
-    try:
-        draft_cfg = DraftConfig.from_dict(json.loads((ckpt / CONFIG).read_text())).to_dict()
-    except (OSError, ValueError, TypeError) as e:  # missing, bad JSON, unknown keys, bad values
-        raise ValueError(f"{ckpt / CONFIG}: not a valid draft config ({e})") from e
-    out_dir = output_dir or cfg.get("output_dir") or (cfg.get("paths") or {}).get("output_dir")
-    if _missing(out_dir):
-        raise ValueError("no output dir: pass output_dir= (the Hydra entry uses the run's output dir)")
-    out = check_output_dir(str(out_dir))
+    ckpt, draft = _read_draft(cfg.get("ckpt"))
+    out = _output_dir(cfg, output_dir)
     (out / "answers").mkdir(parents=True, exist_ok=True)
-    infer = {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
-    unknown = sorted(set(infer) - set(INFER_DEFAULTS) - {f.name for f in dataclasses.fields(InferConfig)})
-    if unknown:
-        raise ValueError(f"unknown infer keys {unknown}; known: {sorted(INFER_DEFAULTS)}")
-    infer["budgets"] = [b if b == "auto" else int(b) for b in (infer["budgets"] or [infer["budget"]])]
-    for b in infer["budgets"]:  # budget / depth / top_k <= 0 fail here, before any model is loaded
-        to_infer_config(infer, 1 if b == "auto" else b, 0)
-    ml = infer["max_len"]
-    if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 2):
-        raise ValueError(f"infer.max_len must be null (the target's context) or an integer >= 2, got {ml!r}")
-    mode = compile_mode(infer["compile"])  # a bad infer.compile or infer.draft_quant fails here too
-    check_draft_quant(infer["draft_quant"])
-    bench_cfg = cfg.get("bench") or {"name": "humaneval_pkg"}
-    benches = {
-        n: load_bench(n, bench_cfg.get("root"), bench_cfg.get("path"), bench_cfg.get("limit"))
-        for n in bench_names(bench_cfg)
-    }
+    infer, mode = _infer_settings(cfg)
+    benches = _load_benches(cfg)
     seed = int(cfg.get("seed") or 0)
     torch.manual_seed(seed)
     target = target or load_eval_target(cfg)
@@ -299,19 +347,7 @@ def evaluate(cfg: dict[str, Any] | Any, output_dir: str | Path | None = None, ta
         compile=mode or False,
         draft_quant=infer["draft_quant"],
     )
-    meta = {
-        "seed": seed,
-        "draft_device": draft_device,
-        "target_device": str(target.device),
-        "target_dtype": str(target.dtype).replace("torch.", ""),
-        "target": target.spec.name,
-        "ckpt": str(ckpt),
-        "draft_layers": draft_cfg.get("depth"),
-        "fusion": draft_cfg.get("fusion"),
-        "draft_params": draft_meta.get("trainable_params"),
-        "compiled": mode or False,
-        "draft_quant": infer["draft_quant"],
-    }
+    meta = _run_meta(seed, draft_device, target, draft, infer, mode)
     (out / "eval_config.json").write_text(json.dumps({**cfg, "infer": infer}, indent=2, default=str))
     rows = []
     for name, questions in benches.items():
@@ -349,10 +385,7 @@ def evaluate_sweep(cfg: dict[str, Any] | Any, output_dir: str | Path | None = No
     drafts = sorted((p for p in root.glob("*/draft") if (p / CONFIG).exists()), key=_run_key)
     if not drafts:
         raise FileNotFoundError(f"sweep={root}: no <run>/draft dirs with {CONFIG} under it")
-    out_dir = output_dir or cfg.get("output_dir") or (cfg.get("paths") or {}).get("output_dir")
-    if _missing(out_dir):
-        raise ValueError("no output dir: pass output_dir= (the Hydra entry uses the run's output dir)")
-    out = check_output_dir(str(out_dir))  # fail before loading the target
+    out = _output_dir(cfg, output_dir)  # fail before loading the target
     metas, failed = {}, {}
     for d in drafts:  # a broken draft is reported and skipped, not the end of the sweep
         try:

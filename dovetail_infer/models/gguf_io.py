@@ -281,6 +281,22 @@ def _expect(t: _Tensor, shape: tuple[int, ...]) -> None:
         raise t.fail(f"expected shape {list(shape)} from the file's config")
 
 
+def _layer_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Each decoder layer's GGUF tensors (short names) and their shapes, in llama.cpp's order within a layer."""
+    D, hd, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    return {
+        "attn_norm": (D,),
+        "attn_q": (cfg.n_heads * hd, D),
+        "attn_k": (cfg.n_kv_heads * hd, D),
+        "attn_v": (cfg.n_kv_heads * hd, D),
+        "attn_output": (D, cfg.n_heads * hd),
+        "ffn_norm": (D,),
+        "ffn_gate": (F, D),
+        "ffn_up": (F, D),
+        "ffn_down": (D, F),
+    }
+
+
 def convert_weights(gguf: Path, out: Path, cfg: LlamaConfig, quant: str | None, group: int, dtype: torch.dtype) -> None:
     """The GGUF's weights in one layout as safetensors shards in `out` (one per layer), tensor by tensor."""
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # another process may be converting the same layout
@@ -300,18 +316,7 @@ def _convert(gguf: Path, tmp: Path, cfg: LlamaConfig, quant: str | None, group: 
     reader = open_gguf(gguf)
     glob, layers = _group_tensors(reader, gguf, cfg)
     how: Counter = Counter()
-    D, hd = cfg.hidden_size, cfg.head_dim
-    shapes = {
-        "attn_q": (cfg.n_heads * hd, D),
-        "attn_k": (cfg.n_kv_heads * hd, D),
-        "attn_v": (cfg.n_kv_heads * hd, D),
-        "attn_output": (D, cfg.n_heads * hd),
-        "ffn_gate": (cfg.intermediate_size, D),
-        "ffn_up": (cfg.intermediate_size, D),
-        "ffn_down": (D, cfg.intermediate_size),
-        "attn_norm": (D,),
-        "ffn_norm": (D,),
-    }
+    D, shapes = cfg.hidden_size, _layer_shapes(cfg)
     for i, lay in enumerate(layers):
         sd: dict[str, torch.Tensor] = {}
         fused: dict[str, list[tuple[int, _Tensor]]] = {}
@@ -374,38 +379,24 @@ def load_converted(folder: Path, cfg: LlamaConfig, quant: str | None, group: int
     return model
 
 
-def write_random_gguf(
-    path: Path, cfg: LlamaConfig, qtype: str = "Q4_0", seed: int = 0, name: str = "random", rows_per_chunk: int = 512
-) -> Path:
-    """A llama GGUF of `cfg`'s exact shapes with seeded random weights (a *shape* for measurements, not a model):
-    2-D weights in `qtype`, norms in F32. Written tensor by tensor (a chunk of float32 rows at a time)."""
-    from gguf import GGMLQuantizationType, GGUFWriter
-    from gguf.quants import quant_shape_to_byte_shape, quantize
-
-    qt = GGMLQuantizationType[qtype]
-    D, hd = cfg.hidden_size, cfg.head_dim
+def _random_gguf_tensors(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a llama GGUF of `cfg` (name, shape), in file order."""
+    D = cfg.hidden_size
     tensors: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (cfg.vocab_size, D))]
     for i in range(cfg.n_layers):
-        tensors += [
-            (f"blk.{i}.attn_norm.weight", (D,)),
-            (f"blk.{i}.attn_q.weight", (cfg.n_heads * hd, D)),
-            (f"blk.{i}.attn_k.weight", (cfg.n_kv_heads * hd, D)),
-            (f"blk.{i}.attn_v.weight", (cfg.n_kv_heads * hd, D)),
-            (f"blk.{i}.attn_output.weight", (D, cfg.n_heads * hd)),
-            (f"blk.{i}.ffn_norm.weight", (D,)),
-            (f"blk.{i}.ffn_gate.weight", (cfg.intermediate_size, D)),
-            (f"blk.{i}.ffn_up.weight", (cfg.intermediate_size, D)),
-            (f"blk.{i}.ffn_down.weight", (D, cfg.intermediate_size)),
-        ]
+        tensors += [(f"blk.{i}.{short}.weight", shape) for short, shape in _layer_shapes(cfg).items()]
     tensors.append(("output_norm.weight", (D,)))
     if not cfg.tie_word_embeddings:
         tensors.append(("output.weight", (cfg.vocab_size, D)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    w = GGUFWriter(None, "llama")
+    return tensors
+
+
+def _add_llama_metadata(w: Any, cfg: LlamaConfig, name: str) -> None:
+    """The llama.* keys `open_gguf` / `hf_config` read back as `cfg`."""
+    hd = cfg.head_dim
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(D)
+    w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.n_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_rope_dimension_count(hd)
@@ -416,6 +407,40 @@ def write_random_gguf(
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+
+
+def _random_weight(
+    tname: str, shape: tuple[int, ...], qt: Any, rng: np.random.Generator, rows_per_chunk: int
+) -> np.ndarray:
+    """Seeded random data of one tensor: a norm near 1 in F32, or a 2-D weight quantized to `qt` a chunk of
+    float32 rows at a time (the whole float32 matrix is never held)."""
+    from gguf.quants import quant_shape_to_byte_shape, quantize
+
+    if len(shape) == 1:
+        return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+    N, K = shape
+    std = np.float32(1.0 if tname == "token_embd.weight" else K**-0.5)  # unit-variance outputs
+    out = np.empty(quant_shape_to_byte_shape(shape, qt), dtype=np.uint8)
+    for r in range(0, N, rows_per_chunk):
+        x = rng.standard_normal((min(rows_per_chunk, N - r), K), dtype=np.float32) * std
+        out[r : r + len(x)] = quantize(x, qt).view(np.uint8).reshape(len(x), -1)
+    return out
+
+
+def write_random_gguf(
+    path: Path, cfg: LlamaConfig, qtype: str = "Q4_0", seed: int = 0, name: str = "random", rows_per_chunk: int = 512
+) -> Path:
+    """A llama GGUF of `cfg`'s exact shapes with seeded random weights (a *shape* for measurements, not a model):
+    2-D weights in `qtype`, norms in F32. Written tensor by tensor (a chunk of float32 rows at a time)."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quant_shape_to_byte_shape
+
+    qt = GGMLQuantizationType[qtype]
+    tensors = _random_gguf_tensors(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    w = GGUFWriter(None, "llama")
+    _add_llama_metadata(w, cfg, name)
     for tname, shape in tensors:
         if len(shape) == 1:
             w.add_tensor_info(tname, shape, np.dtype(np.float32), shape[0] * 4)
@@ -426,18 +451,7 @@ def write_random_gguf(
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for idx, (tname, shape) in enumerate(tensors):
-        rng = np.random.default_rng([seed, idx])
-        if len(shape) == 1:
-            w.write_tensor_data((1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32))
-            continue
-        N, K = shape
-        std = np.float32(1.0 if tname == "token_embd.weight" else K**-0.5)  # unit-variance outputs
-        out = np.empty(quant_shape_to_byte_shape(shape, qt), dtype=np.uint8)
-        for r in range(0, N, rows_per_chunk):
-            x = rng.standard_normal((min(rows_per_chunk, N - r), K), dtype=np.float32) * std
-            out[r : r + len(x)] = quantize(x, qt).view(np.uint8).reshape(len(x), -1)
-        w.write_tensor_data(out)
-        del out
+        w.write_tensor_data(_random_weight(tname, shape, qt, np.random.default_rng([seed, idx]), rows_per_chunk))
     w.close()
     os.replace(tmp, path)
     return path
