@@ -10,11 +10,19 @@ from dovetail_infer.evaluate import INFER_DEFAULTS, load_eval_target, resolve_de
 from dovetail_infer.text import ChatResult
 
 
-def build_engine(cfg: dict[str, Any]) -> tuple[Dovetail, InferConfig]:
-    """The engine and the InferConfig of a chat/serve config (`ckpt: null` = the target alone); `infer` keys it
-    leaves out take the defaults evaluate uses."""
+def reply_config(cfg: dict[str, Any]) -> InferConfig:
+    """The InferConfig a chat/serve config decodes a reply with when nothing else is asked: its `infer` group (keys
+    it leaves out take INFER_DEFAULTS, InferConfig's own), the top-level `seed`, and `max_tokens` (null: the group's
+    `max_new_tokens`). With `infer: default` and nothing overridden this is what `Dovetail.chat(messages)` uses."""
     infer = {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
-    icfg = to_infer_config(infer, seed=int(cfg.get("seed") or 0))  # bad values fail before loading
+    length = {} if cfg.get("max_tokens") is None else {"max_new_tokens": int(cfg["max_tokens"])}
+    return to_infer_config(infer, seed=int(cfg.get("seed") or 0), **length)
+
+
+def build_engine(cfg: dict[str, Any]) -> tuple[Dovetail, InferConfig]:
+    """The engine and the reply_config of a chat/serve config (`ckpt: null` = the target alone)."""
+    icfg = reply_config(cfg)  # bad values fail before loading
+    infer = {**INFER_DEFAULTS, **(cfg.get("infer") or {})}
     target = load_eval_target(cfg)
     if cfg.get("ckpt"):
         engine = Dovetail.from_pretrained(
@@ -39,7 +47,7 @@ def status_line(r: ChatResult) -> str:
 
 def reply(engine: Dovetail, messages: list[dict[str, str]], cfg: dict[str, Any], icfg: InferConfig, out: TextIO) -> str:
     """Stream one reply to `out`; Ctrl-C stops the reply (what was written so far is kept), not the program."""
-    stream = engine.stream(messages, max_tokens=cfg["max_tokens"], stop=cfg.get("stop"), infer=icfg)
+    stream = engine.stream(messages, stop=cfg.get("stop"), infer=icfg)  # icfg: reply_config(cfg)
     parts = []
     try:
         for delta in stream:

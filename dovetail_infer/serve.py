@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -53,7 +54,7 @@ class ServerSettings:
     request_timeout_s: float = 300.0  # queue wait + decoding
     max_body_bytes: int = 1 << 20
     api_key: str | None = None  # Bearer token for /v1/*; None = open
-    max_tokens: int = 256  # when a request sets none
+    max_tokens: int | None = None  # when a request sets none; None = the InferConfig's max_new_tokens
     model_name: str = "dovetail"
     shutdown_timeout_s: float = 10.0  # SIGTERM: in-flight requests get this long to finish, then are cancelled
     retry_after_s: int = 1
@@ -65,7 +66,7 @@ class ServerSettings:
             raise ValueError(f"server.request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"server.max_body_bytes must be >= 1024, got {self.max_body_bytes}")
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
@@ -126,19 +127,20 @@ class Parsed:
     prompt: str | None = None
 
 
-def parse_options(body: dict[str, Any], base: InferConfig, default_max_tokens: int) -> Parsed:
-    """The fields both endpoints share; errors name the field."""
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad("model", f"model must be a string, got {_type_name(model)}", "invalid_type")
+def _max_tokens(body: dict[str, Any], default: int | None) -> int | None:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(name)
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    elif not _is_int(max_tokens):
-        raise _bad(name, f"{name} must be an integer, got {_type_name(max_tokens)}", "invalid_type")
-    elif max_tokens <= 0:
-        raise _bad(name, f"{name} must be >= 1, got {max_tokens}")
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise _bad(name, f"{name} must be an integer, got {_type_name(value)}", "invalid_type")
+    if value <= 0:
+        raise _bad(name, f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """temperature, top_p and seed as the request gives them (None when it does not)."""
     temperature = body.get("temperature")
     if temperature is not None:
         if not _is_number(temperature):
@@ -159,9 +161,10 @@ def parse_options(body: dict[str, Any], base: InferConfig, default_max_tokens: i
             raise _bad("seed", f"seed must be an integer, got {_type_name(seed)}", "invalid_type")
         if not 0 <= seed < 2**63:
             raise _bad("seed", f"seed must be in [0, 2**63), got {seed}")
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise _bad("n", f"n must be 1 (one choice per request), got {n!r}", "unsupported_value")
+    return {"temperature": temperature, "top_p": top_p, "seed": seed}
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -169,6 +172,11 @@ def parse_options(body: dict[str, Any], base: InferConfig, default_max_tokens: i
         isinstance(stop, list) and all(isinstance(s, str) and s for s in stop) and len(stop) <= 16
     ):
         raise _bad("stop", f"stop must be a non-empty string or a list of up to 16 of them, got {stop!r:.200}")
+    return stop or []
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """`stream` and `stream_options.include_usage`."""
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad("stream", f"stream must be true or false, got {_type_name(stream)}", "invalid_type")
@@ -178,22 +186,64 @@ def parse_options(body: dict[str, Any], base: InferConfig, default_max_tokens: i
     include_usage = (options or {}).get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise _bad("stream_options.include_usage", "stream_options.include_usage must be true or false", "invalid_type")
-    changes = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    return bool(stream), include_usage
+
+
+def parse_options(body: dict[str, Any], base: InferConfig, default_max_tokens: int | None = None) -> Parsed:
+    """The fields both endpoints share; errors name the field. What a request leaves out keeps `base`'s value; the
+    reply length is `default_max_tokens`, or base.max_new_tokens when that is None."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", f"model must be a string, got {_type_name(model)}", "invalid_type")
+    changes = {"max_new_tokens": _max_tokens(body, default_max_tokens), **_sampling(body)}
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise _bad("n", f"n must be 1 (one choice per request), got {n!r}", "unsupported_value")
+    stop = _stop(body)
+    stream, include_usage = _streaming(body)
     try:
         cfg = replace(base, **{k: v for k, v in changes.items() if v is not None})
     except ValueError as e:  # e.g. lookup_graft (server config) with a sampling temperature from the request
         raise _bad("temperature", str(e)) from e
-    return Parsed(cfg=cfg, stop=stop or [], stream=bool(stream), include_usage=include_usage)
+    return Parsed(cfg=cfg, stop=stop, stream=stream, include_usage=include_usage)
+
+
+def _required(raw: Any, name: str, kind: type, expected: str) -> Any:
+    """`raw` given, of type `kind` and not empty; errors name the field `name`."""
+    if raw is None:
+        raise _bad(name, f"{name} is required", "missing_required_parameter")
+    if not isinstance(raw, kind):
+        raise _bad(name, f"{name} must be {expected}, got {_type_name(raw)}", "invalid_type")
+    if not raw:
+        raise _bad(name, f"{name} must not be empty")
+    return raw
+
+
+def _content(i: int, content: Any) -> str:
+    """A message's content: a string, or a list of text parts joined."""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise _bad(
+                    f"messages[{i}].content[{j}]",
+                    f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}",
+                    "unsupported_value",
+                )
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise _bad(
+            f"messages[{i}].content",
+            f"messages[{i}].content must be a string, got {_type_name(content)}",
+            "invalid_type",
+        )
+    return content
 
 
 def parse_messages(raw: Any) -> list[dict[str, str]]:
     """OpenAI chat messages (string content, or a list of text parts) as {"role", "content"} dicts."""
-    if raw is None:
-        raise _bad("messages", "messages is required", "missing_required_parameter")
-    if not isinstance(raw, list):
-        raise _bad("messages", f"messages must be an array, got {_type_name(raw)}", "invalid_type")
-    if not raw:
-        raise _bad("messages", "messages must not be empty")
+    _required(raw, "messages", list, "an array")
     out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
@@ -202,25 +252,7 @@ def parse_messages(raw: Any) -> list[dict[str, str]]:
         role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
             raise _bad(f"messages[{i}].role", f"messages[{i}].role must be one of {list(ROLES)}, got {role!r:.100}")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            texts = []
-            for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise _bad(
-                        f"messages[{i}].content[{j}]",
-                        f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}",
-                        "unsupported_value",
-                    )
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise _bad(
-                f"messages[{i}].content",
-                f"messages[{i}].content must be a string, got {_type_name(content)}",
-                "invalid_type",
-            )
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _content(i, m.get("content"))})
     try:
         return check_messages(out)
     except ValueError as e:  # the last message is the assistant's, or all are empty
@@ -228,15 +260,10 @@ def parse_messages(raw: Any) -> list[dict[str, str]]:
 
 
 def parse_prompt(raw: Any) -> str:
+    """A completion prompt: a string, or a list of one."""
     if isinstance(raw, list) and len(raw) == 1:
         raw = raw[0]
-    if raw is None:
-        raise _bad("prompt", "prompt is required", "missing_required_parameter")
-    if not isinstance(raw, str):
-        raise _bad("prompt", f"prompt must be a string (or a list of one), got {_type_name(raw)}", "invalid_type")
-    if not raw:
-        raise _bad("prompt", "prompt must not be empty")
-    return raw
+    return _required(raw, "prompt", str, "a string (or a list of one)")
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -291,6 +318,8 @@ class Job:
         self.outcome = "queued"  # then running, and done | cancelled | timeout | error
         self.http_code = 200  # what a streamed response ended with (its headers said 200)
         self.streamed = False  # a streamed response was sent to its end
+        self.deltas = True  # push every text delta (streaming); False: the first only (time to first token)
+        self.torch_threads: int | None = None  # what the worker decoded it with
 
     def request_cancel(self) -> None:
         """Stop this job: dropped from the queue when its turn comes, or stopped after the current step."""
@@ -323,6 +352,7 @@ class Job:
             "queue_s": (self.started or time.monotonic()) - self.arrived,
             "decode_s": (self.ended or time.monotonic()) - (self.started or time.monotonic()),
             "steps_after_cancel": steps_after,
+            "torch_threads": self.torch_threads,
         }
 
 
@@ -465,6 +495,7 @@ class Scheduler:
     def _decode(self, job: Job) -> tuple[str, Any]:
         """Decode one job, pushing its text deltas; returns its last event."""
         job.started = time.monotonic()
+        job.torch_threads = torch.get_num_threads()  # this thread's own: ATen sets it up per thread
         self.metrics.queue_wait.observe(job.started - job.arrived)
         if job.cancel.is_set() or job.started > job.deadline:
             job.outcome = "cancelled" if job.cancel.is_set() else "timeout"
@@ -473,8 +504,11 @@ class Scheduler:
         job.outcome = "running"
         result = None
         try:
+            pushed = False
             for delta in job.stream:
-                job.push("delta", delta)
+                if job.deltas or not pushed:  # a whole reply: no event-loop wake-up per step
+                    job.push("delta", delta)
+                    pushed = True
             result = job.stream.result
             job.outcome = "done"
             return "done", result
@@ -518,6 +552,18 @@ def _sse(obj: Any) -> str:
 
 def _timeout() -> APIError:
     return APIError(504, "the request ran past the server's time limit", code="timeout", type="timeout_error")
+
+
+def _ended(kind: str, value: Any, streaming: bool) -> APIError:
+    """The error of a job that ended without its reply. A cancelled stream means the server is stopping (a stream
+    whose client left has nobody to tell)."""
+    if kind != "end":
+        return APIError(500, f"decoding failed: {value}", code="engine_error", type="server_error")
+    if value == "timeout":
+        return _timeout()
+    if value == "shutdown" or streaming:
+        return APIError(503, "the server is shutting down", code="shutdown", type="server_error")
+    return APIError(499, "the request was cancelled", code="cancelled", type="cancelled")
 
 
 class _JobStream(StreamingResponse):
@@ -580,6 +626,7 @@ class _Server:
         job.arrived = t0
         ids = self.prompt_ids(p)
         job.stream = TextStream(self.engine, None, p.cfg, p.stop, prompt_ids=ids, on_step=job.on_step)
+        job.deltas = p.stream
         self.scheduler.submit(job)
         return job
 
@@ -604,27 +651,17 @@ class _Server:
             except asyncio.TimeoutError:
                 pass
 
-    async def complete(self, job: Job, request: Request, t0: float) -> tuple[str, ChatResult]:
-        """Wait for the whole reply (non-streaming)."""
-        parts, first = [], True
+    async def complete(self, job: Job, request: Request, t0: float) -> ChatResult:
+        """Wait for the whole reply (non-streaming): the worker pushes only its first delta, then the result."""
         try:
             while True:
                 kind, value = await self.next_event(job, request)
                 if kind == "delta":
-                    if first:
-                        self.metrics.ttft.observe(time.monotonic() - t0)
-                        first = False
-                    parts.append(value)
+                    self.metrics.ttft.observe(time.monotonic() - t0)
                 elif kind == "done":
-                    return "".join(parts), value
-                elif kind == "end" and value == "timeout":
-                    raise _timeout()
-                elif kind == "end" and value == "shutdown":
-                    raise APIError(503, "the server is shutting down", code="shutdown", type="server_error")
-                elif kind == "end":
-                    raise APIError(499, "the request was cancelled", code="cancelled", type="cancelled")
+                    return value
                 else:
-                    raise APIError(500, f"decoding failed: {value}", code="engine_error", type="server_error")
+                    raise _ended(kind, value, streaming=False)
         finally:
             job.request_cancel()  # no-op once done; stops the worker when this handler is cancelled
 
@@ -658,39 +695,74 @@ class _Server:
                     yield _sse({**head, "choices": [], "usage": _usage(value)})
                 break
             else:
-                if kind == "end" and value == "timeout":
-                    err = _timeout()
-                elif kind == "end":
-                    err = APIError(503, "the server is shutting down", code="shutdown", type="server_error")
-                else:
-                    err = APIError(500, f"decoding failed: {value}", code="engine_error", type="server_error")
+                err = _ended(kind, value, streaming=True)
                 job.http_code = err.status
                 yield _sse(err.body())
                 break
         job.streamed = True
         yield "data: [DONE]\n\n"
 
+    async def generate(self, request: Request, endpoint: str) -> Response:
+        """POST /v1/chat/completions or /v1/completions: checked, queued, then streamed or answered whole."""
+        t0 = request.state.t0 = time.monotonic()
+        self.check_auth(request)
+        body = await read_json(request, self.settings.max_body_bytes)
+        p = parse_options(body, self.infer, self.settings.max_tokens)
+        if endpoint == CHAT:
+            p.messages = parse_messages(body.get("messages"))
+        else:
+            p.prompt = parse_prompt(body.get("prompt"))
+        job = self.submit(p, t0)
+        kind = "chat.completion" if endpoint == CHAT else "text_completion"
+        prefix = "chatcmpl-" if endpoint == CHAT else "cmpl-"
+        head = {"id": prefix + job.id, "object": kind, "created": int(time.time()), "model": self.settings.model_name}
+        if p.stream:
+            head["object"] = kind + ".chunk" if endpoint == CHAT else kind
+            return _JobStream(
+                self.stream(job, endpoint, t0, head, p),
+                job,
+                lambda code: self.metrics.request(endpoint, code, t0),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        r = await self.complete(job, request, t0)
+        if endpoint == CHAT:
+            choice = {"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": r.text, "logprobs": None}
+        choice["finish_reason"] = r.finish_reason
+        out = {**head, "choices": [choice], "usage": _usage(r), "dovetail": _stats(r, job, self.draft)}
+        self.metrics.request(endpoint, 200, t0)
+        return JSONResponse(out)
 
-def create_app(
-    engine: Dovetail,
-    infer: InferConfig | None = None,
-    settings: ServerSettings | None = None,
-) -> FastAPI:
-    """A FastAPI app serving `engine` (already built: target plus optional draft) with `infer`'s tree shape and
-    sampling defaults; requests may override max_tokens, temperature, top_p, seed and stop."""
-    settings = settings or ServerSettings()
-    server = _Server(engine, infer or InferConfig(), settings)
+    def health(self) -> JSONResponse:
+        ok = self.scheduler.alive
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "queue": self.scheduler.queue.qsize(),
+            "decoding": self.scheduler.current is not None,
+            "draft": self.draft,
+            "model": self.settings.model_name,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _lifespan(server: _Server) -> Any:
+    """Start the worker with the app; on shutdown, cancel what is left and stop it."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.scheduler.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(server.scheduler.stop, settings.shutdown_timeout_s)
+            await asyncio.to_thread(server.scheduler.stop, server.settings.shutdown_timeout_s)
 
-    app = FastAPI(title="Dovetail", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = server
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI, server: _Server) -> None:
+    """Every error as OpenAI's JSON; those on /v1/* are counted in the request metrics."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> Response:
@@ -711,69 +783,45 @@ def create_app(
             server.metrics.request(request.url.path, 500, getattr(request.state, "t0", None))
         return err.response()
 
-    async def generate(request: Request, endpoint: str) -> Response:
-        t0 = request.state.t0 = time.monotonic()
-        server.check_auth(request)
-        body = await read_json(request, settings.max_body_bytes)
-        p = parse_options(body, server.infer, settings.max_tokens)
-        if endpoint == CHAT:
-            p.messages = parse_messages(body.get("messages"))
-        else:
-            p.prompt = parse_prompt(body.get("prompt"))
-        job = server.submit(p, t0)
-        kind = "chat.completion" if endpoint == CHAT else "text_completion"
-        prefix = "chatcmpl-" if endpoint == CHAT else "cmpl-"
-        head = {"id": prefix + job.id, "object": kind, "created": int(time.time()), "model": settings.model_name}
-        if p.stream:
-            head["object"] = kind + ".chunk" if endpoint == CHAT else kind
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return _JobStream(
-                server.stream(job, endpoint, t0, head, p),
-                job,
-                lambda code: server.metrics.request(endpoint, code, t0),
-                media_type="text/event-stream",
-                headers=headers,
-            )
-        text, r = await server.complete(job, request, t0)
-        if endpoint == CHAT:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None}
-        choice["finish_reason"] = r.finish_reason
-        out = {**head, "choices": [choice], "usage": _usage(r), "dovetail": _stats(r, job, server.draft)}
-        server.metrics.request(endpoint, 200, t0)
-        return JSONResponse(out)
 
+def _add_routes(app: FastAPI, server: _Server) -> None:
     @app.post(CHAT)
     async def chat_completions(request: Request) -> Response:
-        return await generate(request, CHAT)
+        return await server.generate(request, CHAT)
 
     @app.post(COMPLETIONS)
     async def completions(request: Request) -> Response:
-        return await generate(request, COMPLETIONS)
+        return await server.generate(request, COMPLETIONS)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         server.check_auth(request)
-        model = {"id": settings.model_name, "object": "model", "created": server.created, "owned_by": "dovetail"}
+        name = server.settings.model_name
+        model = {"id": name, "object": "model", "created": server.created, "owned_by": "dovetail"}
         return {"object": "list", "data": [model]}
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = server.scheduler.alive
-        body = {
-            "status": "ok" if ok else "unavailable",
-            "queue": server.scheduler.queue.qsize(),
-            "decoding": server.scheduler.current is not None,
-            "draft": server.draft,
-            "model": settings.model_name,
-        }
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return server.health()
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+
+def create_app(
+    engine: Dovetail,
+    infer: InferConfig | None = None,
+    settings: ServerSettings | None = None,
+) -> FastAPI:
+    """A FastAPI app serving `engine` (already built: target plus optional draft) with `infer`'s tree shape and
+    sampling defaults (by default InferConfig's, as `Dovetail.chat`); requests may override max_tokens, temperature,
+    top_p, seed and stop."""
+    server = _Server(engine, infer or InferConfig(), settings or ServerSettings())
+    app = FastAPI(title="Dovetail", lifespan=_lifespan(server), docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _add_error_handlers(app, server)
+    _add_routes(app, server)
     return app
 
 

@@ -1,17 +1,21 @@
 """One source of defaults: the Python API and the Hydra configs (conf/) give the same settings, key by key and
-value by value, for inference (InferConfig, evaluate, serve) and for training (DistillModule, DistillDataModule)."""
+value by value, for inference (InferConfig, evaluate, chat, serve) and for training (DistillModule,
+DistillDataModule)."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from types import SimpleNamespace
 
+import pytest
 import yaml
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dovetail_infer.engine import InferConfig
+from dovetail_infer.chat import reply_config
+from dovetail_infer.engine import Dovetail, InferConfig
 from dovetail_infer.evaluate import EVAL_DEFAULTS, INFER_DEFAULTS, to_infer_config
 
 CONF = ROOT / "conf"
@@ -71,7 +75,56 @@ def test_serve_yaml_restates_server_settings():
     assert set(server) == set(python) - {"max_tokens"}
     assert server.pop("model_name") is None  # null: named after the draft dir (python: a fixed fallback name)
     assert server == {k: python[k] for k in server}
-    assert conf["max_tokens"] == python["max_tokens"] == _yaml("chat.yaml")["max_tokens"]
+    assert conf["max_tokens"] is python["max_tokens"] is _yaml("chat.yaml")["max_tokens"] is None  # InferConfig's
+
+
+class _Engine:
+    """Stands in for a loaded engine: Dovetail.stream builds its TextStream (and InferConfig) without a model."""
+
+    target = SimpleNamespace(apply_chat_template=lambda messages: [1], eos_ids=[0])
+
+    def check_prompt(self, prompt_ids: list[int], cfg: InferConfig) -> None:
+        pass
+
+    def decode_steps(self, prompt_ids: list[int], cfg: InferConfig):
+        return iter(())
+
+
+def _python_api(**kwargs) -> InferConfig:
+    """The InferConfig `Dovetail.chat(messages, **kwargs)` decodes with (chat is stream, run to the end)."""
+    return Dovetail.stream(_Engine(), [{"role": "user", "content": "Hi"}], **kwargs).cfg
+
+
+def _served(cfg: dict, body: dict) -> InferConfig:
+    """The InferConfig a request `body` decodes with on `python serve.py` of `cfg`: create_app(engine,
+    reply_config(cfg), settings_from_config(cfg)) as run_server builds it."""
+    from dovetail_infer.serve import parse_options, settings_from_config
+
+    return parse_options(body, reply_config(cfg), settings_from_config(cfg).max_tokens).cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kwargs"),
+    [
+        ([], {}),
+        (["max_tokens=64", "infer.temperature=0.7", "seed=3"], {"max_tokens": 64, "temperature": 0.7, "seed": 3}),
+        (["infer.max_new_tokens=32"], {"max_tokens": 32}),
+    ],
+)
+def test_chat_and_serve_decode_as_the_python_api(overrides, kwargs):
+    """python chat.py, python serve.py with a request that sets nothing, and Dovetail.chat(messages): one InferConfig,
+    by default and with the same settings given each way."""
+    api = _python_api(**kwargs)
+    for name in ("chat", "serve"):
+        cfg = _compose(name, *overrides)
+        assert reply_config(cfg) == api, name
+        assert overrides or cfg["infer"] == INFER_DEFAULTS, name  # `infer: default`: InferConfig's values
+    assert _served(_compose("serve", *overrides), {}) == api
+    if not kwargs:
+        assert api == InferConfig()
+        python = _python_api(max_tokens=16, temperature=0.5, top_p=0.9, seed=7)
+        body = {"max_tokens": 16, "temperature": 0.5, "top_p": 0.9, "seed": 7}
+        assert _served(_compose("serve"), body) == python  # a request's fields act as the Python arguments
 
 
 # ---- training ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 from conftest import ROOT
 from helpers.engine import random_draft
 from hypothesis import HealthCheck, event, given, settings
@@ -138,6 +139,9 @@ def test_eight_concurrent_clients_each_get_their_own_reply(server, client, engin
     assert replies == solo
     records = list(server.state.scheduler.finished)[before:]
     assert [r["outcome"] for r in records] == ["done"] * 8
+    # the worker thread decodes with the torch thread count of the thread that built the app (ATen sets each new
+    # thread up from the count torch.set_num_threads last set)
+    assert {r["torch_threads"] for r in records} == {torch.get_num_threads()}
     # one decodes at a time: the last to start waited for at least one other's whole decoding
     assert max(r["queue_s"] for r in records) >= min(r["decode_s"] for r in records)
     assert _health(server.url)["queue"] == 0
