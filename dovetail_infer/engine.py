@@ -58,6 +58,10 @@ from dovetail_infer.tree import DraftTree, graft_chain, grow_tree, topk_pick
 
 log = logging.getLogger(__name__)
 
+# the draft proposes from this many of the target's most frequent tokens (its token counts) unless told otherwise;
+# `evaluate.EVAL_DEFAULTS` and conf/infer/default.yaml take it from here (tests/test_defaults.py)
+DRAFT_VOCAB = 4096
+
 
 @dataclass
 class InferConfig:
@@ -331,7 +335,7 @@ class Dovetail:
         draft_dir: str | Path,
         target: Target,
         draft_device: str | None = None,
-        draft_vocab: int | None = None,
+        draft_vocab: int | None = DRAFT_VOCAB,
         draft_dtype: torch.dtype | None = None,
         compile: bool | str = False,
         draft_quant: str | None = None,
@@ -339,6 +343,7 @@ class Dovetail:
         """Load an exported draft dir; refuses a draft trained for another target.
 
         The draft runs in `draft_dtype`, by default the target's (bfloat16 halves the draft head's reads).
+        `draft_vocab`: the draft proposes from the N most frequent target tokens (null: all of them).
         """
         dev = draft_device or ("cuda" if torch.cuda.is_available() else "cpu")
         draft, _ = load_draft(draft_dir, target.identity(), device=dev, dtype=draft_dtype or target.dtype)

@@ -23,7 +23,7 @@ from dovetail_infer.autotune import CANDIDATES, autotune
 from dovetail_infer.bench import bench_names, conversation, load_bench
 from dovetail_infer.checkpoint import CONFIG, read_meta
 from dovetail_infer.compiled import compile_mode
-from dovetail_infer.engine import Dovetail, InferConfig, check_draft_quant
+from dovetail_infer.engine import DRAFT_VOCAB, Dovetail, InferConfig, check_draft_quant
 from dovetail_infer.models.draft import DraftConfig
 from dovetail_infer.models.target import Target, load_target
 from dovetail_infer.outdir import check_output_dir
@@ -45,7 +45,7 @@ TIME_KEYS = ("prefill_s", "decode_s", "draft_s", "verify_s", "transfer_s", "othe
 # evaluate's own settings beside InferConfig's: the budgets to sweep, how the engine is built, how runs are timed
 EVAL_DEFAULTS: dict[str, Any] = {
     "budgets": [4, 8, 16],  # every budget is evaluated; null = [budget]
-    "draft_vocab": 4096,
+    "draft_vocab": DRAFT_VOCAB,
     "target_device": None,  # None = the target spec's device
     "draft_device": "auto",
     "max_len": None,

@@ -42,6 +42,9 @@ def test_infer_defaults_are_infer_config_plus_evaluates_own():
     config = {k: v for k, v in dataclasses.asdict(InferConfig()).items() if k != "seed"}  # seed: the run's
     assert INFER_DEFAULTS == {**config, **EVAL_DEFAULTS}
     assert not set(config) & set(EVAL_DEFAULTS)
+    # the engine a Python caller loads proposes from the same vocabulary as evaluate / chat / serve
+    loader = _defaults(Dovetail.from_pretrained)
+    assert loader["draft_vocab"] == EVAL_DEFAULTS["draft_vocab"] == 4096
 
 
 def test_infer_yaml_restates_every_python_default():
