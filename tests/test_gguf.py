@@ -3,6 +3,8 @@ dense weights, equal to gguf's own dequantization where the formats match; bad f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -27,7 +29,7 @@ CFG = dict(
 def files(tmp_path_factory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("gguf")
     cfg = LlamaConfig(**CFG)
-    return {q: write_random_gguf(root / f"tiny-{q}.gguf", cfg, q, seed=3) for q in ("Q4_0", "Q8_0", "F16")}
+    return {q: write_random_gguf(root / f"tiny-{q}.gguf", cfg, q, seed=3) for q in ("Q4_0", "Q8_0", "F16", "BF16")}
 
 
 def load(path, tmp_path, **kw):
@@ -111,6 +113,35 @@ def test_f16_loads_dense_exactly(files, tmp_path, dtype):
     assert not any(isinstance(m, QuantLinear) for m in target.model.modules())
     for name, w in ref.items():
         assert torch.equal(weight_of(target.model, name), w.to(dtype)), name
+
+
+def file_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, path) of this process's file-backed memory mappings (Linux)."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            start, end = (int(a, 16) for a in parts[0].split("-"))
+            out.append((start, end, parts[5]))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("qtype", ["BF16", "Q4_0"])
+def test_dense_bfloat16_weights_are_the_cached_files_pages(files, tmp_path, qtype):
+    """BF16 loads bitwise as written, Q4_0 as gguf dequantizes it (verify_cost --quant bf16 on a shape), and every
+    weight lies in a mapping of a converted shard: held once, as the file's pages, no float32 or second copy."""
+    ref = gguf_weights(files[qtype])
+    target = load(files[qtype], tmp_path, dtype="bfloat16")
+    for name, w in ref.items():  # BF16 -> float32 is exact; the norms are F32 in the file, rounded once
+        got = weight_of(target.model, name)
+        assert got.dtype == torch.bfloat16 and torch.equal(got.view(torch.int16), w.bfloat16().view(torch.int16))
+    layout = next((tmp_path / "cache" / "targets").glob(f"tiny-{qtype}-*/weights/dense-bfloat16"))
+    maps = [(a, b) for a, b, path in file_mappings() if Path(path).parent == layout]
+    params = dict(target.model.named_parameters())
+    assert len(params) == 2 + 6 * CFG["n_layers"] + 1
+    for name, p in params.items():
+        assert p.dtype == torch.bfloat16 and any(a <= p.data_ptr() < b for a, b in maps), name
 
 
 def test_the_converted_form_is_cached_per_layout(files, tmp_path):
