@@ -28,6 +28,8 @@ LEVERS: dict[str, list[str]] = {
     "unroll3": ["loss.unroll=3"],
     "noise_by_length": ["loss.noise_by_length=true"],
     "lr3e-3": ["optim.lr=3e-3"],
+    "lr3e-4": ["optim.lr=3e-4"],
+    "linear_decay": ["optim.schedule=linear"],  # linear instead of cosine decay to 0.1 * lr
     "depth1": ["draft.depth=1"],  # = base: a second run of the same settings (the run-to-run spread)
     "depth4": ["draft.depth=4"],
     "depth2": ["draft.depth=2"],
