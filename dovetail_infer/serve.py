@@ -23,6 +23,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -320,6 +322,7 @@ class Job:
         self.streamed = False  # a streamed response was sent to its end
         self.deltas = True  # push every text delta (streaming); False: the first only (time to first token)
         self.torch_threads: int | None = None  # what the worker decoded it with
+        self.thread: str | None = None  # the name of the thread that decoded it
 
     def request_cancel(self) -> None:
         """Stop this job: dropped from the queue when its turn comes, or stopped after the current step."""
@@ -353,6 +356,7 @@ class Job:
             "decode_s": (self.ended or time.monotonic()) - (self.started or time.monotonic()),
             "steps_after_cancel": steps_after,
             "torch_threads": self.torch_threads,
+            "thread": self.thread,
         }
 
 
@@ -428,22 +432,36 @@ class Metrics:
 
 
 class Scheduler:
-    """One worker thread decodes jobs one at a time, in arrival order, from a bounded queue."""
+    """One worker thread decodes jobs one at a time, in arrival order, from a bounded queue.
 
-    def __init__(self, queue_size: int, metrics: Metrics, retry_after_s: int) -> None:
+    `executor`: a one-thread executor that the worker loop runs on instead of a thread of its own. `run_server`
+    loads the engine on that same thread: with OpenMP (libgomp), two threads that both run parallel torch ops keep
+    two thread pools alive, more threads than cores here, and libgomp then stops spinning between parallel regions:
+    every op of the decoding thread pays a wake-up (docs/serving.md#why-served-decoding-was-slower-than-in-process).
+    """
+
+    def __init__(self, queue_size: int, metrics: Metrics, retry_after_s: int, executor: Executor | None = None) -> None:
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.metrics, self.retry_after_s = metrics, retry_after_s
         self.current: Job | None = None
         self.finished: deque[dict[str, Any]] = deque(maxlen=256)  # recent jobs' records (tests, debugging)
+        self.executor = executor
         self.thread: threading.Thread | None = None
+        self.future: Future | None = None
         metrics.queue_length.set_function(self.queue.qsize)
 
     @property
     def alive(self) -> bool:
+        if self.executor is not None:
+            return self.future is not None and not self.future.done()
         return self.thread is not None and self.thread.is_alive()
 
     def start(self) -> None:
-        if not self.alive:
+        if self.alive:
+            return
+        if self.executor is not None:
+            self.future = self.executor.submit(self._loop)
+        else:
             self.thread = threading.Thread(target=self._loop, name="dovetail-decode", daemon=True)
             self.thread.start()
 
@@ -462,7 +480,10 @@ class Scheduler:
             self.current.request_cancel()
         if self.alive:
             self.queue.put(None)
-            self.thread.join(timeout)
+            if self.future is not None:
+                futures_wait([self.future], timeout)
+            else:
+                self.thread.join(timeout)
 
     def submit(self, job: Job) -> None:
         try:
@@ -496,6 +517,7 @@ class Scheduler:
         """Decode one job, pushing its text deltas; returns its last event."""
         job.started = time.monotonic()
         job.torch_threads = torch.get_num_threads()  # this thread's own: ATen sets it up per thread
+        job.thread = threading.current_thread().name
         self.metrics.queue_wait.observe(job.started - job.arrived)
         if job.cancel.is_set() or job.started > job.deadline:
             job.outcome = "cancelled" if job.cancel.is_set() else "timeout"
@@ -585,10 +607,12 @@ class _JobStream(StreamingResponse):
 class _Server:
     """The handlers' shared state: engine, settings, scheduler, metrics."""
 
-    def __init__(self, engine: Dovetail, infer: InferConfig, settings: ServerSettings) -> None:
+    def __init__(
+        self, engine: Dovetail, infer: InferConfig, settings: ServerSettings, executor: Executor | None = None
+    ) -> None:
         self.engine, self.infer, self.settings = engine, infer, settings
         self.metrics = Metrics(max(infer.depth, infer.lookup))
-        self.scheduler = Scheduler(settings.queue_size, self.metrics, settings.retry_after_s)
+        self.scheduler = Scheduler(settings.queue_size, self.metrics, settings.retry_after_s, executor)
         self.created = int(time.time())
         self.draft = engine.draft is not None
 
@@ -813,11 +837,13 @@ def create_app(
     engine: Dovetail,
     infer: InferConfig | None = None,
     settings: ServerSettings | None = None,
+    executor: Executor | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `engine` (already built: target plus optional draft) with `infer`'s tree shape and
     sampling defaults (by default InferConfig's, as `Dovetail.chat`); requests may override max_tokens, temperature,
-    top_p, seed and stop."""
-    server = _Server(engine, infer or InferConfig(), settings or ServerSettings())
+    top_p, seed and stop. `executor`: a one-thread executor to decode on, best the one that built the engine
+    (see `Scheduler`)."""
+    server = _Server(engine, infer or InferConfig(), settings or ServerSettings(), executor)
     app = FastAPI(title="Dovetail", lifespan=_lifespan(server), docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     _add_error_handlers(app, server)
@@ -892,8 +918,9 @@ def run_server(cfg: dict[str, Any]) -> None:
     from dovetail_infer.chat import build_engine
 
     settings = settings_from_config(cfg)
-    engine, icfg = build_engine(cfg)
-    app = create_app(engine, icfg, settings)
+    torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dovetail-torch")  # loads, then decodes
+    engine, icfg = torch_thread.submit(build_engine, cfg).result()
+    app = create_app(engine, icfg, settings, torch_thread)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", settings.host)
     log.info("serving %s (draft: %s)", settings.model_name, engine.draft is not None)

@@ -6,6 +6,7 @@ Tiny random target (SmolLM2's tokenizer and template) with a random draft; one s
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -271,6 +272,24 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_target):
         assert waiting.result(timeout=30).choices[0].finish_reason == "length"  # served once the engine was free
         assert _metric(s.url, 'dovetail_requests_total{code="429"') == 2
         _health(s.url)
+
+
+def test_given_an_executor_the_server_decodes_on_the_thread_that_built_the_engine(tiny_target):
+    """run_server loads the engine on a one-thread executor and decodes there too (one OpenMP pool per process)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="torch-owner") as owner:
+        engine = owner.submit(Dovetail, tiny_target, random_draft(tiny_target), "cpu").result()
+        built_on = owner.submit(lambda: threading.current_thread().name).result()
+        app = create_app(engine, INFER, ServerSettings(max_tokens=4), executor=owner)
+        with ServerThread(app) as s:
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            for _ in range(2):
+                reply = client.chat.completions.create(model="d", messages=MESSAGES, max_tokens=4)
+                assert reply.choices[0].finish_reason == "length"
+            records = list(app.state.server.scheduler.finished)
+            assert [r["thread"] for r in records] == [built_on] * 2
+            assert _health(s.url)["status"] == "ok"
+        assert not app.state.server.scheduler.alive  # shutdown ended the loop and freed the executor's thread
+        assert owner.submit(lambda: 1).result(timeout=10) == 1
 
 
 def test_time_limit_and_api_key(tiny_target):
