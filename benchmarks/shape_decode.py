@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, ROOT, stamp
+from common import RESULTS, stamp
 from gpu_check import oracle_draft
-from verify_cost import QUANTS, peak_rss_mb, rss_mb, rss_split_mb
+from verify_cost import QUANTS, rss_mb, rss_split_mb, target_spec
 
 from dovetail_infer.engine import Dovetail, GenerationResult, InferConfig
+from dovetail_infer.evaluate import peak_rss_mb
 from dovetail_infer.models.draft import DraftConfig, DraftModel
 from dovetail_infer.models.gguf_io import layout_name
-from dovetail_infer.models.target import Target, load_target, spec_from_yaml
+from dovetail_infer.models.target import Target, load_target
 
 
 def random_draft(target: Target, seed: int) -> DraftModel:
@@ -76,8 +77,7 @@ def row(name: str, r: GenerationResult, ref: list[int], target: Target, prompt: 
 
 def load(args: argparse.Namespace) -> tuple[Target, dict[str, Any]]:
     """The target, and what loading it cost (time, peak RSS, its GGUF, whether it was converted now)."""
-    conf = Path(args.target) if args.target.endswith(".yaml") else ROOT / "conf" / "target" / f"{args.target}.yaml"
-    spec = spec_from_yaml(conf, args.cache_dir, quant=QUANTS[args.quant])
+    spec = target_spec(args.target, args.quant, args.cache_dir)
     t0, wall0 = time.perf_counter(), time.time()
     target = load_target(spec)
     info: dict[str, Any] = {

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, ROOT, stamp
 
+from dovetail_infer.evaluate import peak_rss_mb
 from dovetail_infer.kv_cache import KVCache
 from dovetail_infer.models.target import load_target, spec_from_yaml
 
@@ -50,8 +50,10 @@ def rss_split_mb() -> dict[str, float]:
     return out
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def target_spec(target: str, quant: str, cache_dir: str | None) -> dict:
+    """The spec of a conf/target/<target>.yaml (or a yaml path) at one of `QUANTS`."""
+    conf = Path(target) if target.endswith(".yaml") else ROOT / "conf" / "target" / f"{target}.yaml"
+    return spec_from_yaml(conf, cache_dir, quant=QUANTS[quant])
 
 
 @torch.no_grad()
@@ -83,8 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    conf = Path(args.target) if args.target.endswith(".yaml") else ROOT / "conf" / "target" / f"{args.target}.yaml"
-    spec = spec_from_yaml(conf, args.cache_dir, quant=QUANTS[args.quant])
+    spec = target_spec(args.target, args.quant, args.cache_dir)
     args.target = spec["name"]
     t0 = time.perf_counter()
     target = load_target(spec)
