@@ -36,6 +36,8 @@ LEVERS: dict[str, list[str]] = {
     "depth5": ["draft.depth=5"],
     "concat_depth1": ["draft=eagle"],
     "full_vocab": ["loss.draft_vocab=null"],
+    "all_positions": ["loss.positions=all"],  # the loss on prompt tokens too (the target's features are exact there)
+    "lr2e-3": ["optim.lr=2e-3"],
 }
 
 

@@ -28,6 +28,7 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "w_tok": 0.1,
     "noise_std": 0.2,
     "noise_by_length": False,
+    "positions": "assistant",  # where training's loss counts: "assistant" tokens (the paper) or "all" real tokens
     "unroll": 1,
     "unroll_decay": 0.8,
     "draft_vocab": 8192,  # resolved from the datamodule's token counts; without them the full vocabulary
@@ -69,6 +70,8 @@ class DistillModule(L.LightningModule):
         self.optim.update(optim or {})
         self.loss_cfg = dict(LOSS_DEFAULTS)
         self.loss_cfg.update(loss or {})
+        if self.loss_cfg["positions"] not in ("assistant", "all"):
+            raise ValueError(f"loss.positions must be 'assistant' or 'all', got {self.loss_cfg['positions']!r}")
         if int(self.loss_cfg["unroll"]) < 1:
             raise ValueError(f"loss.unroll must be >= 1 (1 = no unrolling), got {self.loss_cfg['unroll']}")
         self.sim_tau_steps = sim_tau_steps
@@ -116,6 +119,10 @@ class DistillModule(L.LightningModule):
         hidden = self._features(batch).to(dtype)
         feat_in, tok_in, feat_tgt, mask = shift_batch(batch["input_ids"], hidden, batch["loss_mask"])
         c = self.loss_cfg
+        if split == "train" and c["positions"] == "all":
+            mask = batch["valid_mask"][
+                :, 1:
+            ].float()  # every real next token, prompt included; validation stays on replies
         if split == "train":
             gen = self._noise_generator(batch_idx)
             feat_in = uniform_noise(feat_in, c["noise_std"], gen, scale_by_length=c["noise_by_length"])

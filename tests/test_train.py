@@ -98,3 +98,44 @@ def test_init_from_starts_from_an_exported_draft(tmp_path):
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     proc = run_train("debug=fdr", "draft.depth=2", f"init_from={src}", f"hydra.run.dir={tmp_path / 'c'}", check=False)
     assert proc.returncode != 0 and "depth: 1 there vs 2 here" in proc.stderr
+
+
+@pytest.mark.parametrize("positions", ["assistant", "all"])
+def test_loss_positions_choose_the_counted_tokens(positions):
+    """loss.positions=all counts every real next token in training (prompts too, never padding); validation keeps
+    to assistant tokens either way, so val metrics stay comparable across the two."""
+    import torch
+
+    from dovetail_infer.models.draft import DraftConfig
+    from dovetail_train.data.datamodule import collate
+    from dovetail_train.module import DistillModule
+
+    torch.manual_seed(0)
+    D, V = 16, 32
+    rows = [
+        {
+            "input_ids": torch.arange(1, 9),
+            "loss_mask": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]),
+            "hidden": torch.randn(8, D),
+        },
+        {"input_ids": torch.arange(1, 6), "loss_mask": torch.tensor([0, 0, 1, 1, 1]), "hidden": torch.randn(5, D)},
+    ]
+    batch = collate(rows)
+    assert batch["valid_mask"].sum() == 13 and batch["loss_mask"].sum() == 7
+    cfg = DraftConfig(hidden_size=D, intermediate_size=32, n_heads=2, n_kv_heads=2, vocab_size=V)
+    m = DistillModule(cfg, torch.randn(V, D), torch.randn(V, D), loss={"positions": positions}, compile=False)
+    m.sim_tau_steps = 0
+    # shifted by one: 7 + 4 real next tokens, of which 4 + 3 are assistant tokens
+    assert float(m.compute(batch, "train")["n_tokens"]) == (11 if positions == "all" else 7)
+    assert float(m.compute(batch, "val")["n_tokens"]) == 7
+
+
+def test_bad_loss_positions_is_refused():
+    import torch
+
+    from dovetail_infer.models.draft import DraftConfig
+    from dovetail_train.module import DistillModule
+
+    cfg = DraftConfig(hidden_size=16, intermediate_size=32, n_heads=2, n_kv_heads=2, vocab_size=32)
+    with pytest.raises(ValueError, match="loss.positions must be 'assistant' or 'all', got 'prompt'"):
+        DistillModule(cfg, torch.randn(32, 16), torch.randn(32, 16), loss={"positions": "prompt"}, compile=False)

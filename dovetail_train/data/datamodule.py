@@ -122,16 +122,18 @@ class ResumableLoader(DataLoader):
 
 
 def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row; padding has loss_mask 0 (and zero features)."""
+    """Right-pad to the longest row; padding has loss_mask and valid_mask 0 (and zero features)."""
     T = max(r["input_ids"].shape[0] for r in rows)
     B = len(rows)
-    out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.float32)}
+    out = {name: torch.zeros(B, T, dtype=torch.float32) for name in ("loss_mask", "valid_mask")}
+    out["input_ids"] = torch.zeros(B, T, dtype=torch.long)
     if "hidden" in rows[0]:
         out["hidden"] = torch.zeros(B, T, rows[0]["hidden"].shape[-1], dtype=rows[0]["hidden"].dtype)
     for i, r in enumerate(rows):
         n = r["input_ids"].shape[0]
         out["input_ids"][i, :n] = r["input_ids"]
         out["loss_mask"][i, :n] = r["loss_mask"].float()
+        out["valid_mask"][i, :n] = 1.0
         if "hidden" in out:
             out["hidden"][i, :n] = r["hidden"]
     return out
