@@ -165,7 +165,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"Recipe levers, {args.minutes:g} min of training each (measured {result['date']} at {result['commit']}). "
-        f"τ: {result['bench_prompts']} bench questions (the first of each set), {args.max_new_tokens} new tokens, "
+        f"τ: {result['bench_prompts']} bench questions (the first {args.per_bench} of each set, prompts ≤ 768 tokens), "
+        f"{args.max_new_tokens} new tokens, "
         "paper tree (15 tokens, 8 levels, top-k 10), greedy, bf16; val τ: the training callback's measure "
         f"({result['val_prompts']} held-out prompts, 64 tokens).",
         "",
