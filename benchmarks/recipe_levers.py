@@ -38,6 +38,9 @@ LEVERS: dict[str, list[str]] = {
     "full_vocab": ["loss.draft_vocab=null"],
     "all_positions": ["loss.positions=all"],  # the loss on prompt tokens too (the target's features are exact there)
     "lr2e-3": ["optim.lr=2e-3"],
+    "w_tok0.5": ["loss.w_tok=0.5"],  # more weight on the token loss (the paper: 0.1)
+    "w_tok1": ["loss.w_tok=1.0"],
+    "vocab4096": ["loss.draft_vocab=4096"],  # the token loss over inference's default draft vocabulary
 }
 
 

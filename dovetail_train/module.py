@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from dovetail_infer.checkpoint import frequent_token_ids
+from dovetail_infer.engine import DRAFT_VOCAB
 from dovetail_infer.models.draft import DraftConfig, DraftModel
 from dovetail_train.losses import distill_losses, shift_batch, simulated_tau, uniform_noise
 
@@ -31,7 +32,9 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "positions": "assistant",  # where training's loss counts: "assistant" tokens (the paper) or "all" real tokens
     "unroll": 1,
     "unroll_decay": 0.8,
-    "draft_vocab": 8192,  # resolved from the datamodule's token counts; without them the full vocabulary
+    # inference's default draft vocabulary: the token loss over the rows the draft proposes from. Resolved from the
+    # datamodule's token counts; without them the full vocabulary
+    "draft_vocab": DRAFT_VOCAB,
 }
 
 
