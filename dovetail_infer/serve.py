@@ -911,15 +911,22 @@ class ServerThread:
         self._thread.join(self.shutdown_timeout_s + 15)
 
 
+def build_engine_on_thread(cfg: dict[str, Any]) -> tuple[Dovetail, InferConfig, ThreadPoolExecutor]:
+    """Build the engine of a serve config on a new one-thread executor, the thread that must then run all of its
+    torch work (decoding: `create_app(..., executor)`); see `Scheduler` for why one thread."""
+    from dovetail_infer.chat import build_engine
+
+    torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dovetail-torch")
+    engine, icfg = torch_thread.submit(build_engine, cfg).result()
+    return engine, icfg, torch_thread
+
+
 def run_server(cfg: dict[str, Any]) -> None:
     """What serve.py runs: build the engine of a serve config, then serve it until SIGTERM / Ctrl-C."""
     import uvicorn
 
-    from dovetail_infer.chat import build_engine
-
     settings = settings_from_config(cfg)
-    torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dovetail-torch")  # loads, then decodes
-    engine, icfg = torch_thread.submit(build_engine, cfg).result()
+    engine, icfg, torch_thread = build_engine_on_thread(cfg)
     app = create_app(engine, icfg, settings, torch_thread)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", settings.host)
