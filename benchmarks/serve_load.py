@@ -214,12 +214,12 @@ def served_row(cfg: dict[str, Any], convs: list, args: argparse.Namespace) -> di
     # as `python serve.py` runs: the engine is built, timed in-process and decodes on one thread of its own
     engine, icfg, torch_thread = build_engine_on_thread(cfg)
     paired = len(convs) if args.inprocess is None else min(args.inprocess, len(convs))
-    local = torch_thread.submit(inprocess, engine, convs[:paired], args.max_tokens, icfg).result() if paired else {}
     settings = settings_from_config(cfg)
     settings = ServerSettings(**{**settings.__dict__, "queue_size": max(settings.queue_size, args.concurrency)})
-    with ServerThread(create_app(engine, icfg, settings, torch_thread)) as server:
-        row = run_load(server.url, convs, args, paired)
-    torch_thread.shutdown()
+    with torch_thread:
+        local = torch_thread.submit(inprocess, engine, convs[:paired], args.max_tokens, icfg).result() if paired else {}
+        with ServerThread(create_app(engine, icfg, settings, torch_thread)) as server:
+            row = run_load(server.url, convs, args, paired)
     row.update(local)
     for served, alone in (("request", "engine"), ("engine", "engine"), ("decode", "decode")):
         a, b = row.get(f"paired_{served}_tokens_per_s_median"), local.get(f"inprocess_{alone}_tokens_per_s_median")

@@ -120,12 +120,10 @@ class DistillModule(L.LightningModule):
         """The losses and metrics of one batch, without logging (`split` "train" adds noise and unrolling)."""
         dtype = self.embed_weight.dtype
         hidden = self._features(batch).to(dtype)
-        feat_in, tok_in, feat_tgt, mask = shift_batch(batch["input_ids"], hidden, batch["loss_mask"])
         c = self.loss_cfg
-        if split == "train" and c["positions"] == "all":
-            mask = batch["valid_mask"][
-                :, 1:
-            ].float()  # every real next token, prompt included; validation stays on replies
+        # positions=all: training counts every real next token, prompts included; validation stays on replies
+        counted = batch["valid_mask"] if split == "train" and c["positions"] == "all" else batch["loss_mask"]
+        feat_in, tok_in, feat_tgt, mask = shift_batch(batch["input_ids"], hidden, counted)
         if split == "train":
             gen = self._noise_generator(batch_idx)
             feat_in = uniform_noise(feat_in, c["noise_std"], gen, scale_by_length=c["noise_by_length"])
