@@ -41,6 +41,9 @@ LEVERS: dict[str, list[str]] = {
     "w_tok0.5": ["loss.w_tok=0.5"],  # more weight on the token loss (the paper: 0.1)
     "w_tok1": ["loss.w_tok=1.0"],
     "vocab4096": ["loss.draft_vocab=4096"],  # the token loss over inference's default draft vocabulary
+    "init_target": ["init_layers=target"],  # the decoder layer starts from the target's last layer
+    "batch4": ["data.batch_size=4"],  # twice the optimizer steps per minute, half the tokens each
+    "batch16": ["data.batch_size=16"],
 }
 
 

@@ -76,6 +76,21 @@ def init_draft_weights(module: DistillModule, draft_dir: str | Path, target_iden
     log.info("initialised the draft from %s", draft_dir)
 
 
+def init_layers_from_target(draft: torch.nn.Module, target_model: torch.nn.Module) -> None:
+    """Start the draft's decoder layers from the target's last ones (the fusion stays random).
+
+    The draft's layer i gets the target's layer n_layers - depth + i; the first draft layer has no input norm,
+    so that one weight is skipped. A prior for attention and MLP weights that already read this feature space."""
+    depth, n = len(draft.layers), len(target_model.layers)
+    if depth > n:
+        raise ValueError(f"init_layers=target: the draft has {depth} layers, the target only {n}")
+    for i, layer in enumerate(draft.layers):
+        src = target_model.layers[n - depth + i].state_dict()
+        own = layer.state_dict()
+        layer.load_state_dict({k: src[k].float().clone() for k in own}, strict=True)
+    log.info("initialised the draft's %d layer(s) from the target's last layers", depth)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     out_dir = check_output_dir(cfg.paths.output_dir)
     check_fresh_run_dir(out_dir, cfg.get("ckpt_path"))
@@ -102,6 +117,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     if cfg.get("init_from"):
         init_draft_weights(module, cfg.init_from, target.identity())
+    elif cfg.get("init_layers") == "target":
+        init_layers_from_target(module.draft, target.model)
     n_params = module.draft.num_trainable()
     log.info(
         "draft: depth %d, fusion %s, %.2fM trainable parameters", draft_cfg.depth, draft_cfg.fusion, n_params / 1e6

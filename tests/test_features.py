@@ -42,8 +42,43 @@ def calls(monkeypatch):
 
 
 def build(target, examples, root, **kw):
-    kw = {"key": {"max_length": 64}, "shard_rows": 4, "batch_tokens": 64, "progress": False, **kw}
+    # eager: the `calls` fixture counts compute_features; the compiled path has its own test
+    kw = {"key": {"max_length": 64}, "shard_rows": 4, "batch_tokens": 64, "progress": False, "compile": False, **kw}
     return build_feature_cache(target, examples, root, **kw)
+
+
+def test_compiled_extraction_matches_the_eager_forward(tiny_target, tmp_path):
+    """compile=True extracts through one compiled block over plain linears sharing the target's weights: the same
+    features up to rounding, padded rows included, with no target forward through compute_features."""
+    forward = F.feature_forward(tiny_target, compile=True)
+    assert F._plain_blocks(tiny_target.model) is not None
+    blocks = F._plain_blocks(tiny_target.model)
+    w = tiny_target.model.layers[0].self_attn.qkv_proj.weight
+    assert blocks[0].self_attn.qkv_proj.weight.data_ptr() == w.data_ptr()  # shared, not copied
+    examples = make_examples(7, seed=3)
+    eager = build(tiny_target, examples, tmp_path / "eager")
+    compiled = build(tiny_target, examples, tmp_path / "compiled", compile=True)
+    assert compiled.path.name == eager.path.name  # the same cache key: both are the target's features
+    for i in range(len(examples)):
+        torch.testing.assert_close(compiled[i]["hidden"].float(), eager[i]["hidden"].float(), rtol=2e-2, atol=3e-2)
+    ids = torch.randint(0, tiny_target.config.vocab_size, (3, 21), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(forward(ids).float(), compute_features(tiny_target, ids).float(), rtol=2e-2, atol=3e-2)
+
+
+def test_quantized_targets_extract_eagerly(tiny_target):
+    from dovetail_infer.models.linear import QuantLinear
+
+    class Q(torch.nn.Module):  # stands for a quantized linear: a module type the compiled path does not know
+        pass
+
+    model = tiny_target.model
+    old = model.layers[0].mlp.down_proj
+    try:
+        model.layers[0].mlp.down_proj = type("QuantLinear", (Q,), {})()
+        assert F._plain_blocks(model) is None
+    finally:
+        model.layers[0].mlp.down_proj = old
+    assert QuantLinear.__name__ == "QuantLinear"
 
 
 def test_cached_hidden_matches_target(tiny_target, tmp_path, calls):

@@ -199,7 +199,9 @@ if {kind!r} == "regenerate":
 else:
     real = F.compute_features
     F.compute_features = lambda *a: (time.sleep(0.3), real(*a))[1]
-    F.build_feature_cache(target, examples, {out!r}, key={{}}, shard_rows=2, batch_tokens=16, progress=False)
+    F.build_feature_cache(
+        target, examples, {out!r}, key={{}}, shard_rows=2, batch_tokens=16, progress=False, compile=False
+    )
 print("finished")
 """
 
@@ -265,7 +267,7 @@ def test_sigkill_mid_preparation_resumes_without_redoing(kind, tiny_target, tmp_
             return real(target, ids)
 
         monkeypatch.setattr(F, "compute_features", counted)
-        kw = {"key": {}, "shard_rows": 2, "batch_tokens": 16, "progress": False}
+        kw = {"key": {}, "shard_rows": 2, "batch_tokens": 16, "progress": False, "compile": False}
         cache = F.build_feature_cache(tiny_target, examples, out, **kw)
         assert calls["rows"] == len(examples) - 2 * len(done_before)  # finished shards are not recomputed
         assert not list(folder.glob("*.tmp"))  # the shard being written when killed is cleaned up

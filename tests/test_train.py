@@ -139,3 +139,24 @@ def test_bad_loss_positions_is_refused():
     cfg = DraftConfig(hidden_size=16, intermediate_size=32, n_heads=2, n_kv_heads=2, vocab_size=32)
     with pytest.raises(ValueError, match="loss.positions must be 'assistant' or 'all', got 'prompt'"):
         DistillModule(cfg, torch.randn(32, 16), torch.randn(32, 16), loss={"positions": "prompt"}, compile=False)
+
+
+def test_init_layers_from_target_copies_the_last_layers(tiny_target):
+    """init_layers=target (a recipe lever that lost): draft layer i starts as the target's layer n - depth + i, the
+    first layer's missing input norm skipped; a draft deeper than the target is refused."""
+    import torch
+
+    from dovetail_infer.models.draft import DraftConfig, DraftModel
+    from dovetail_train.pipeline import init_layers_from_target
+
+    model = tiny_target.model
+    n = len(model.layers)
+    draft = DraftModel(DraftConfig.from_target(model.config, depth=2))
+    init_layers_from_target(draft, model)
+    for i, layer in enumerate(draft.layers):
+        src = model.layers[n - 2 + i].state_dict()
+        for k, v in layer.state_dict().items():
+            assert v.dtype == torch.float32 and v.equal(src[k].float()), k
+    assert "input_layernorm.weight" not in draft.layers[0].state_dict()
+    with pytest.raises(ValueError, match="only"):
+        init_layers_from_target(DraftModel(DraftConfig.from_target(model.config, depth=n + 1)), model)

@@ -179,6 +179,7 @@ class DistillDataModule(L.LightningDataModule):
         features: str = "offline",
         storage_dtype: str = "bfloat16",
         verify_cache: bool = True,
+        compile_features: bool = True,
         batch_size: int = 8,
         group_by_length: bool = True,
         num_workers: int = 0,
@@ -269,6 +270,7 @@ class DistillDataModule(L.LightningDataModule):
                 key=self._cache_key(),
                 storage_dtype=self.cfg["storage_dtype"],
                 verify=self.cfg["verify_cache"],
+                compile=self.cfg["compile_features"],
             )
             self.summary.update(feature_cache=str(cache.path), bytes_per_token=cache.bytes_per_token)
             self._dataset = cache

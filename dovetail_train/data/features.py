@@ -18,15 +18,18 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from dovetail_infer.models.linear import PackedLinear
+from dovetail_infer.models.llama import Block, LlamaModel, rope_cos_sin
 from dovetail_infer.models.target import file_sha256
 from dovetail_infer.outdir import check_free_space, file_lock
 
@@ -56,6 +59,53 @@ def compute_features(target: Any, input_ids_batch: torch.Tensor) -> torch.Tensor
     Used online (`data.features=online`, inside the training step) and by the offline cache builder.
     """
     return target.model(input_ids_batch.to(target.device))
+
+
+def _plain_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The target's decoder layers as plain `nn.Linear` blocks sharing its weights (no copy), or None when a
+    layer holds anything else (quantized linears keep their own kernels and run eagerly)."""
+    if not isinstance(model, LlamaModel):
+        return None
+    linears = [m for m in model.layers.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    others = [m for m in model.layers.modules() if "Linear" in type(m).__name__ and m not in linears]
+    if not linears or others:
+        return None
+    with torch.device("meta"):
+        blocks = nn.ModuleList(Block(model.config) for _ in model.layers)
+    state = {f"{i}.{k}": v for i, layer in enumerate(model.layers) for k, v in layer.state_dict().items()}
+    blocks.load_state_dict(state, strict=True, assign=True)
+    return blocks.requires_grad_(False)
+
+
+def _block_forward(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return block(x, cos, sin)
+
+
+def feature_forward(target: Any, compile: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward the offline cache builder runs: `compute_features`, or with `compile` one decoder block compiled
+    once (dynamic shapes) and run for every layer, over plain linears sharing the target's weights.
+
+    Fusing the norms, RoPE and activations makes extraction faster for a few seconds of compiling
+    (`benchmarks/feature_extraction.py` measures both side by side). The compiled products keep intermediates in
+    float32, so the features differ from the eager ones by bf16 rounding, no further from float32 ones.
+    Targets it cannot compile (quantized linears, other model classes) run eagerly.
+    """
+    blocks = _plain_blocks(target.model) if compile else None
+    if blocks is None:
+        return lambda ids: compute_features(target, ids)
+    model, step = target.model, torch.compile(_block_forward, dynamic=True)
+
+    @torch.inference_mode()
+    def forward(input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to(target.device)
+        B, T = ids.shape
+        x = model.embed_tokens(ids)
+        cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T, device=ids.device).expand(B, T), x.dtype)
+        for block in blocks:
+            x = step(block, x, cos, sin)
+        return model.norm(x)
+
+    return forward
 
 
 def data_hash(examples: Sequence[Mapping[str, Any]]) -> str:
@@ -107,7 +157,7 @@ def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return out
 
 
-def _write_shard(target, examples, indices: list[int], path: Path, dtype: torch.dtype, batch_tokens: int, bar) -> None:
+def _write_shard(forward, examples, indices: list[int], path: Path, dtype: torch.dtype, batch_tokens: int, bar) -> None:
     tmp = path.with_suffix(".arrow.tmp")
     lengths = [len(examples[i]["input_ids"]) for i in indices]
     pad = 0
@@ -118,7 +168,7 @@ def _write_shard(target, examples, indices: list[int], path: Path, dtype: torch.
             ids = torch.full((len(rows), T), pad, dtype=torch.long)
             for r, i in enumerate(rows):
                 ids[r, : lengths[group[r]]] = torch.as_tensor(examples[i]["input_ids"], dtype=torch.long)
-            hidden = compute_features(target, ids).to("cpu", dtype).contiguous()
+            hidden = forward(ids).to("cpu", dtype).contiguous()
             blobs = [hidden[r, : lengths[group[r]]].view(torch.int16).numpy().tobytes() for r in range(len(rows))]
             batch = pa.record_batch(
                 [
@@ -159,12 +209,14 @@ def build_feature_cache(
     batch_tokens: int = 8192,
     verify: bool = True,
     progress: bool = True,
+    compile: bool = True,
 ) -> FeatureCache:
     """Build (or reuse, or finish) the feature cache of `examples` (dicts with `input_ids`, `loss_mask`).
 
     `key` holds the caller's settings the data depends on (e.g. max_length, data source); it is hashed
     with the target identity, the tokenized data and the storage dtype to name the cache folder.
-    Finished shards that match the manifest are kept; missing or corrupt ones are (re)built.
+    Finished shards that match the manifest are kept; missing or corrupt ones are (re)built. `compile`: extract
+    through `feature_forward`'s compiled block (eager when False or when the target cannot be compiled).
     """
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
@@ -173,11 +225,13 @@ def build_feature_cache(
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(folder / ".lock", f"feature cache {folder}"):
         return _build_locked(
-            target, examples, folder, fields, storage_dtype, shard_rows, batch_tokens, verify, progress
+            target, examples, folder, fields, storage_dtype, shard_rows, batch_tokens, verify, progress, compile
         )
 
 
-def _build_locked(target, examples, folder: Path, fields, storage_dtype, shard_rows, batch_tokens, verify, progress):
+def _build_locked(
+    target, examples, folder: Path, fields, storage_dtype, shard_rows, batch_tokens, verify, progress, compile
+):
     n_shards = (len(examples) + shard_rows - 1) // shard_rows
     manifest = {
         "version": FORMAT_VERSION,
@@ -210,10 +264,11 @@ def _build_locked(target, examples, folder: Path, fields, storage_dtype, shard_r
         total = sum(len(examples[i]["input_ids"]) for span in spans for i in span)
         need = int(total * (target.config.hidden_size * dtype.itemsize + 16) * 1.05)
         check_free_space(folder, need, f"the feature cache ({total} tokens)")
+        forward = feature_forward(target, compile)
         with tqdm(total=total, unit="tok", desc="features", disable=not progress) as bar:
             for s, span in zip(todo, spans):
                 name = f"shard-{s:05d}.arrow"
-                _write_shard(target, examples, list(span), folder / name, dtype, batch_tokens, bar)
+                _write_shard(forward, examples, list(span), folder / name, dtype, batch_tokens, bar)
                 path = folder / name
                 tokens = sum(len(examples[i]["input_ids"]) for i in span)
                 manifest["shards"][name] = {
