@@ -66,19 +66,20 @@ def test_compiled_extraction_matches_the_eager_forward(tiny_target, tmp_path):
 
 
 def test_quantized_targets_extract_eagerly(tiny_target):
+    """A layer holding a module the compiled path does not know (a quantized linear) keeps the eager forward."""
     from dovetail_infer.models.linear import QuantLinear
-
-    class Q(torch.nn.Module):  # stands for a quantized linear: a module type the compiled path does not know
-        pass
 
     model = tiny_target.model
     old = model.layers[0].mlp.down_proj
+    ids = torch.tensor([[1, 2, 3]])
     try:
-        model.layers[0].mlp.down_proj = type("QuantLinear", (Q,), {})()
+        model.layers[0].mlp.down_proj = QuantLinear.__new__(QuantLinear)
+        torch.nn.Module.__init__(model.layers[0].mlp.down_proj)
         assert F._plain_blocks(model) is None
     finally:
         model.layers[0].mlp.down_proj = old
-    assert QuantLinear.__name__ == "QuantLinear"
+    assert F._plain_blocks(model) is not None
+    assert F.feature_forward(tiny_target, compile=False)(ids).equal(compute_features(tiny_target, ids))
 
 
 def test_cached_hidden_matches_target(tiny_target, tmp_path, calls):

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dovetail_infer.models.linear import PackedLinear
-from dovetail_infer.models.llama import Block, LlamaModel, rope_cos_sin
+from dovetail_infer.models.llama import MLP, Attention, Block, LlamaModel, RMSNorm, rope_cos_sin
 from dovetail_infer.models.target import file_sha256
 from dovetail_infer.outdir import check_free_space, file_lock
 
@@ -61,14 +61,14 @@ def compute_features(target: Any, input_ids_batch: torch.Tensor) -> torch.Tensor
     return target.model(input_ids_batch.to(target.device))
 
 
+# the modules a decoder layer may hold for the compiled path; anything else (a quantized linear) extracts eagerly
+_PLAIN = (nn.ModuleList, Block, Attention, MLP, RMSNorm, nn.Identity, nn.Linear, PackedLinear)
+
+
 def _plain_blocks(model: nn.Module) -> nn.ModuleList | None:
     """The target's decoder layers as plain `nn.Linear` blocks sharing its weights (no copy), or None when a
     layer holds anything else (quantized linears keep their own kernels and run eagerly)."""
-    if not isinstance(model, LlamaModel):
-        return None
-    linears = [m for m in model.layers.modules() if isinstance(m, (nn.Linear, PackedLinear))]
-    others = [m for m in model.layers.modules() if "Linear" in type(m).__name__ and m not in linears]
-    if not linears or others:
+    if not isinstance(model, LlamaModel) or not all(isinstance(m, _PLAIN) for m in model.layers.modules()):
         return None
     with torch.device("meta"):
         blocks = nn.ModuleList(Block(model.config) for _ in model.layers)
