@@ -65,6 +65,24 @@ def test_compiled_extraction_matches_the_eager_forward(tiny_target, tmp_path):
     torch.testing.assert_close(forward(ids).float(), compute_features(tiny_target, ids).float(), rtol=2e-2, atol=3e-2)
 
 
+def test_a_failed_compile_falls_back_to_eager(tiny_target, monkeypatch, caplog):
+    """A compile that fails on the first call (a machine without a C++ compiler) warns and extracts eagerly."""
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(F.torch, "compile", broken)
+    forward = F.feature_forward(tiny_target, compile=True)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with caplog.at_level("WARNING"):
+        out = forward(ids)
+    assert out.equal(compute_features(tiny_target, ids)) and "extracting eagerly" in caplog.text
+    assert forward(ids).equal(out)
+
+
 def test_quantized_targets_extract_eagerly(tiny_target):
     """A layer holding a module the compiled path does not know (a quantized linear) keeps the eager forward."""
     from dovetail_infer.models.linear import QuantLinear

@@ -88,22 +88,36 @@ def feature_forward(target: Any, compile: bool = True) -> Callable[[torch.Tensor
     Fusing the norms, RoPE and activations makes extraction faster for a few seconds of compiling
     (`benchmarks/feature_extraction.py` measures both side by side). The compiled products keep intermediates in
     float32, so the features differ from the eager ones by bf16 rounding, no further from float32 ones.
-    Targets it cannot compile (quantized linears, other model classes) run eagerly.
+    Targets it cannot compile (quantized linears, other model classes) run eagerly, and so does a first call whose
+    compile fails (no C++ compiler, say), with a warning: extraction never stops for want of the faster path.
     """
     blocks = _plain_blocks(target.model) if compile else None
     if blocks is None:
         return lambda ids: compute_features(target, ids)
     model, step = target.model, torch.compile(_block_forward, dynamic=True)
+    state = {"calls": 0, "eager": False}
 
     @torch.inference_mode()
-    def forward(input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to(target.device)
+    def compiled(ids: torch.Tensor) -> torch.Tensor:
         B, T = ids.shape
         x = model.embed_tokens(ids)
         cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T, device=ids.device).expand(B, T), x.dtype)
         for block in blocks:
             x = step(block, x, cos, sin)
         return model.norm(x)
+
+    def forward(input_ids: torch.Tensor) -> torch.Tensor:
+        if not state["eager"]:
+            try:
+                out = compiled(input_ids.to(target.device))
+                state["calls"] += 1
+                return out
+            except Exception as e:  # the first call compiles: no C++ compiler, an unsupported op, ...
+                if state["calls"]:
+                    raise
+                log.warning("compiling the feature extraction failed (%s: %s); extracting eagerly", type(e).__name__, e)
+                state["eager"] = True
+        return compute_features(target, input_ids)
 
     return forward
 
