@@ -91,9 +91,18 @@ def init_layers_from_target(draft: torch.nn.Module, target_model: torch.nn.Modul
     log.info("initialised the draft's %d layer(s) from the target's last layers", depth)
 
 
+def check_init_config(init_from: str | None, init_layers: str | None) -> None:
+    """`init_layers` is null or `target`, and not given together with `init_from` (one start, not two)."""
+    if init_layers not in (None, "target"):
+        raise ValueError(f"init_layers must be null or 'target', got {init_layers!r}")
+    if init_layers and init_from:
+        raise ValueError(f"init_from={init_from} and init_layers={init_layers} both set: pick one start for the draft")
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     out_dir = check_output_dir(cfg.paths.output_dir)
     check_fresh_run_dir(out_dir, cfg.get("ckpt_path"))
+    check_init_config(cfg.get("init_from"), cfg.get("init_layers"))
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     check_data_config(data_cfg)  # bad data settings fail before the target loads (minutes for a 7B)
     draft_overrides = OmegaConf.to_container(cfg.draft, resolve=True)
@@ -117,7 +126,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     if cfg.get("init_from"):
         init_draft_weights(module, cfg.init_from, target.identity())
-    elif cfg.get("init_layers") == "target":
+    elif cfg.get("init_layers"):
         init_layers_from_target(module.draft, target.model)
     n_params = module.draft.num_trainable()
     log.info(

@@ -51,8 +51,8 @@ def test_compiled_extraction_matches_the_eager_forward(tiny_target, tmp_path):
     """compile=True extracts through one compiled block over plain linears sharing the target's weights: the same
     features up to rounding, padded rows included, with no target forward through compute_features."""
     forward = F.feature_forward(tiny_target, compile=True)
-    assert F._plain_blocks(tiny_target.model) is not None
     blocks = F._plain_blocks(tiny_target.model)
+    assert blocks is not None
     w = tiny_target.model.layers[0].self_attn.qkv_proj.weight
     assert blocks[0].self_attn.qkv_proj.weight.data_ptr() == w.data_ptr()  # shared, not copied
     examples = make_examples(7, seed=3)

@@ -160,3 +160,16 @@ def test_init_layers_from_target_copies_the_last_layers(tiny_target):
     assert "input_layernorm.weight" not in draft.layers[0].state_dict()
     with pytest.raises(ValueError, match="only"):
         init_layers_from_target(DraftModel(DraftConfig.from_target(model.config, depth=n + 1)), model)
+
+
+def test_init_config_is_checked():
+    """A misspelt init_layers, or two starts at once, is refused instead of silently training from random init."""
+    from dovetail_train.pipeline import check_init_config
+
+    check_init_config(None, None)
+    check_init_config("drafts/x", None)
+    check_init_config(None, "target")
+    with pytest.raises(ValueError, match="init_layers must be null or 'target', got 'targt'"):
+        check_init_config(None, "targt")
+    with pytest.raises(ValueError, match="both set: pick one start"):
+        check_init_config("drafts/x", "target")

@@ -95,7 +95,7 @@ def feature_forward(target: Any, compile: bool = True) -> Callable[[torch.Tensor
     if blocks is None:
         return lambda ids: compute_features(target, ids)
     model, step = target.model, torch.compile(_block_forward, dynamic=True)
-    state = {"calls": 0, "eager": False}
+    state = {"compiled_once": False, "eager": False}
 
     @torch.inference_mode()
     def compiled(ids: torch.Tensor) -> torch.Tensor:
@@ -110,10 +110,10 @@ def feature_forward(target: Any, compile: bool = True) -> Callable[[torch.Tensor
         if not state["eager"]:
             try:
                 out = compiled(input_ids.to(target.device))
-                state["calls"] += 1
+                state["compiled_once"] = True
                 return out
             except Exception as e:  # the first call compiles: no C++ compiler, an unsupported op, ...
-                if state["calls"]:
+                if state["compiled_once"]:
                     raise
                 log.warning("compiling the feature extraction failed (%s: %s); extracting eagerly", type(e).__name__, e)
                 state["eager"] = True
